@@ -1,0 +1,189 @@
+"""nanochat's GPT in MLX, every generation g1..g9, following mlx-lm's model protocol.
+
+``model(inputs, cache=None)`` returns float32 logits ``(B, T, vocab_size)``; ``model.layers``
+and ``model.make_cache()`` let ``mlx_lm.generate.generate_step`` drive it. What differs between
+generations is read from the ``ArchSpec`` (flags and constants), never from its name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
+
+from .config import RMS_EPS, ArchSpec, ModelConfig
+from .errors import NanochatError
+from .rope import rotary_tables
+
+
+def rms_norm(x: mx.array) -> mx.array:
+    """Parameter-free RMSNorm with the reference's eps (torch.finfo(float32).eps)."""
+    return mx.fast.rms_norm(x, None, RMS_EPS)
+
+
+def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate half-split pairs by -theta, as the reference does. x: (B, T, H, D)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return mx.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.c_proj(mx.square(nn.relu(self.c_fc(x))))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, spec: ArchSpec, has_ve: bool) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        if has_ve:
+            self.ve_gate = nn.Linear(spec.ve_gate_channels, self.n_kv_head, bias=False)
+        self._ve_channels = spec.ve_gate_channels
+        self._ve_scale = spec.ve_gate_scale
+        # q and k are each scaled by qk_scale after QK-norm (g8/g9): fold both into SDPA's scale.
+        self._scale = spec.qk_scale**2 / math.sqrt(self.head_dim)
+
+    def __call__(self, x, ve, cos, sin, mask, cache) -> mx.array:
+        B, T, _ = x.shape
+        q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            gate = self._ve_scale * mx.sigmoid(self.ve_gate(x[..., : self._ve_channels]))
+            v = v + gate[..., None] * ve.reshape(B, T, self.n_kv_head, self.head_dim)
+        # Rotary first, then QK-norm (the reference's order).
+        q = rms_norm(apply_rotary(q, cos, sin)).transpose(0, 2, 1, 3)
+        k = rms_norm(apply_rotary(k, cos, sin)).transpose(0, 2, 1, 3)
+        v = v.transpose(0, 2, 1, 3)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self._scale, mask=mask)
+        return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, spec: ArchSpec, has_ve: bool) -> None:
+        super().__init__()
+        self.attn = Attention(config, spec, has_ve)
+        self.mlp = MLP(config.n_embd)
+
+    def __call__(self, x, ve, cos, sin, mask, cache) -> mx.array:
+        x = x + self.attn(rms_norm(x), ve, cos, sin, mask, cache)
+        return x + self.mlp(rms_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, spec: ArchSpec) -> None:
+        super().__init__()
+        ve_layers = set(config.ve_layers(spec))
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.h = [Block(config, spec, i in ve_layers) for i in range(config.n_layer)]
+
+
+class GPT(nn.Module):
+    """The nanochat GPT of one generation (``spec``) and geometry (``config``)."""
+
+    def __init__(self, config: ModelConfig, spec: ArchSpec, dtype: mx.Dtype = mx.float32) -> None:
+        super().__init__()
+        self.config, self.spec, self.dtype = config, spec, dtype
+        self.model_type = "nanochat"
+        self.transformer = Transformer(config, spec)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        kv_dim = config.n_kv_head * config.head_dim
+        ve_layers = set(config.ve_layers(spec))
+        # A list indexed by layer (None where a layer has none) keeps the names value_embeds.<i>.weight.
+        self.value_embeds = [
+            nn.Embedding(config.padded_vocab_size, kv_dim) if i in ve_layers else None for i in range(config.n_layer)
+        ]
+        if spec.lambdas:
+            self.resid_lambdas = mx.ones((config.n_layer,))
+            self.x0_lambdas = mx.zeros((config.n_layer,))
+        if spec.smear:
+            self.smear_gate = nn.Linear(spec.smear_channels, 1, bias=False)
+            self.smear_lambda = mx.zeros((1,))
+        if spec.backout:
+            self.backout_lambda = mx.zeros((1,))
+        self.window_sizes = config.window_sizes(spec)
+        cos, sin = rotary_tables(config.head_dim, config.rope_len, spec.rope_base, spec.rope_table_bf16)
+        # Underscore names keep the tables out of parameters() (they are never saved).
+        self._cos = mx.array(cos).astype(dtype)
+        self._sin = mx.array(sin).astype(dtype)
+
+    @property
+    def layers(self) -> list[Block]:
+        return self.transformer.h
+
+    def make_cache(self) -> list[Any]:
+        """Per-layer KV caches (windowed layers keep only w+1 keys), then g9's smear memory."""
+        caches: list[Any] = [KVCache() if w is None else RotatingKVCache(max_size=w + 1) for w in self.window_sizes]
+        if self.spec.smear:
+            caches.append(ArraysCache(1))  # the previous position's pre-smear embedding
+        return caches
+
+    def _mask(self, i: int, T: int, cache: Any) -> mx.array | str | None:
+        if cache is not None:
+            return cache.make_mask(T, return_array=False, window_size=None)
+        w = self.window_sizes[i]
+        if w is None or T <= w + 1:
+            return "causal" if T > 1 else None
+        return create_causal_mask(T, 0, window_size=w + 1)
+
+    def _smear(self, x: mx.array, memory: ArraysCache | None) -> mx.array:
+        """Mix each position's normed embedding with its predecessor's (g9)."""
+        gate = self.smear_lambda.astype(x.dtype) * mx.sigmoid(self.smear_gate(x[..., : self.spec.smear_channels]))
+        prev = memory[0] if memory is not None else None
+        if memory is not None:
+            memory[0] = x[:, -1:]
+        if prev is not None:
+            return x + gate * mx.concatenate([prev, x[:, :-1]], axis=1)
+        if x.shape[1] == 1:
+            return x  # position 0 has no predecessor
+        return mx.concatenate([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], axis=1)
+
+    def __call__(self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False) -> mx.array:
+        """Logits for ``inputs`` (B, T); ``last_only`` keeps just the last position (prefill)."""
+        B, T = inputs.shape
+        n_layer = self.config.n_layer
+        layer_caches = cache[:n_layer] if cache is not None else [None] * n_layer
+        offset = layer_caches[0].offset if cache is not None else 0
+        if offset + T > self.config.rope_len:
+            raise NanochatError(
+                f"context of {offset + T} tokens exceeds the model's limit of {self.config.rope_len} "
+                f"(10 x sequence_len {self.config.sequence_len})"
+            )
+        x = rms_norm(self.transformer.wte(inputs).astype(self.dtype))
+        if self.spec.smear:
+            x = self._smear(x, cache[n_layer] if cache is not None else None)
+        x0 = x
+        cos = self._cos[offset : offset + T][None, :, None, :]
+        sin = self._sin[offset : offset + T][None, :, None, :]
+        masks = [self._mask(i, T, c) for i, c in enumerate(layer_caches)]
+        x_mid = None
+        for i, block in enumerate(self.transformer.h):
+            if self.spec.lambdas:
+                x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
+            ve = self.value_embeds[i](inputs).astype(x.dtype) if self.value_embeds[i] is not None else None
+            x = block(x, ve, cos, sin, masks[i], layer_caches[i])
+            if self.spec.backout and i == n_layer // 2:
+                x_mid = x
+        if x_mid is not None:
+            x = x - self.backout_lambda.astype(x.dtype) * x_mid
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(rms_norm(x))[..., : self.config.vocab_size].astype(mx.float32)
+        cap = self.spec.softcap
+        return cap * mx.tanh(logits / cap)

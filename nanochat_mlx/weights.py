@@ -1,0 +1,218 @@
+"""Read tensors, map every naming scheme onto canonical names, detect the generation, validate.
+
+Canonical names are the native nanochat state-dict names without any ``_orig_mod.`` prefix
+(``transformer.h.3.attn.c_q.weight``). ``NAME_TABLE`` is the one place that knows the other
+schemes (transformers' ``model.layers.*``; mlx-lm already uses the native names).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from .config import GENERATIONS, ArchSpec, ModelConfig
+from .errors import CheckpointError
+from .ptfile import read_pt
+
+Weights = dict[str, np.ndarray]
+
+# (pattern, canonical template): transformers' NanoChat names -> native names.
+NAME_TABLE: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(p), t)
+    for p, t in (
+        (r"^model\.embed_tokens\.weight$", "transformer.wte.weight"),
+        (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.weight$", r"transformer.h.\1.attn.c_q.weight"),
+        (r"^model\.layers\.(\d+)\.self_attn\.k_proj\.weight$", r"transformer.h.\1.attn.c_k.weight"),
+        (r"^model\.layers\.(\d+)\.self_attn\.v_proj\.weight$", r"transformer.h.\1.attn.c_v.weight"),
+        (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.weight$", r"transformer.h.\1.attn.c_proj.weight"),
+        (r"^model\.layers\.(\d+)\.mlp\.fc1\.weight$", r"transformer.h.\1.mlp.c_fc.weight"),
+        (r"^model\.layers\.(\d+)\.mlp\.fc2\.weight$", r"transformer.h.\1.mlp.c_proj.weight"),
+    )
+]
+_PREFIXES = ("_orig_mod.",)
+
+_SAFETENSORS_DTYPES = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "U32": np.dtype(np.uint32),
+    "U8": np.dtype(np.uint8),
+}
+
+
+def read_safetensors(path: str | Path) -> Weights:
+    """Memory-map a safetensors file as ``{name: numpy array}`` (bfloat16 kept exact)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        (header_len,) = struct.unpack("<Q", mm[:8])
+        header = json.loads(mm[8 : 8 + header_len])
+    except (OSError, ValueError, struct.error) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    base = 8 + header_len
+    out: Weights = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if base + end > len(mm) or end - start != int(np.prod(shape)) * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {name} is truncated or corrupt")
+        out[name] = np.frombuffer(mm, dtype=dtype, count=int(np.prod(shape)), offset=base + start).reshape(shape)
+    return out
+
+
+def read_tensors(paths: list[Path]) -> Weights:
+    """Read every tensor of a checkpoint (one .pt, or one or more .safetensors shards)."""
+    out: Weights = {}
+    for path in paths:
+        out.update(read_pt(path) if path.suffix == ".pt" else read_safetensors(path))
+    return out
+
+
+def canonical_name(name: str) -> str:
+    """The native name of a tensor called ``name`` in any supported scheme."""
+    for prefix in _PREFIXES:
+        name = name.removeprefix(prefix)
+    for pattern, template in NAME_TABLE:
+        if pattern.match(name):
+            return pattern.sub(template, name)
+    return name
+
+
+def canonicalize(weights: Weights, origin: str) -> Weights:
+    out: Weights = {}
+    for name, tensor in weights.items():
+        canon = canonical_name(name)
+        if canon in out:
+            raise CheckpointError(f"{origin}: two tensors map to {canon}")
+        out[canon] = tensor
+    return out
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Which generation a checkpoint is, and why."""
+
+    spec: ArchSpec
+    reason: str
+    ambiguous_with: tuple[str, ...] = ()
+
+
+def detect_generation(weights: Weights, config: ModelConfig, meta: dict | None, origin: str) -> Detection:
+    """Tell the generation from canonical tensor names and shapes and the meta (doc §4)."""
+    names = set(weights)
+    g = GENERATIONS
+    branch = {"v0_lambdas", "value_embed_A.weight", "value_embed.weight"} & names
+    if branch:
+        raise CheckpointError(
+            f"{origin}: found {sorted(branch)}: this is a value-embedding experiment from nanochat's "
+            "'ve' branch that never shipped on master; it is not supported (known: g1..g9)"
+        )
+    engram = {"bigram_embed.embed.weight", "bigram_lambdas"} & names
+    if engram:
+        raise CheckpointError(
+            f"{origin}: found {sorted(engram)}: this is the engram/bigram-embedding experiment "
+            "(reverted upstream after a day); it is not supported (known: g1..g9)"
+        )
+    if "smear_gate.weight" in names:
+        return Detection(g["g9"], "smear_gate.weight present (smear and backout)")
+    gates = {n: w.shape for n, w in weights.items() if n.endswith(".attn.ve_gate.weight")}
+    if gates:
+        widths = {shape[-1] for shape in gates.values()}
+        if widths == {12}:
+            return Detection(g["g8"], "ve_gate.weight reads 12 channels")
+        if widths == {32}:
+            return Detection(
+                g["g5"],
+                "ve_gate.weight reads 32 channels: g5, g6 and g7 are identical on disk; "
+                "defaulting to g5 (pass arch='g6' / --arch g6 or g7 to override)",
+                ambiguous_with=("g6", "g7"),
+            )
+        raise CheckpointError(
+            f"{origin}: ve_gate.weight reads {sorted(widths)} channels; known widths are 32 (g5-g7) "
+            "and 12 (g8, g9)"
+        )
+    if "resid_lambdas" in names or "x0_lambdas" in names:
+        model_config = (meta or {}).get("model_config", {})
+        user_config = (meta or {}).get("user_config", {}) or {}
+        if "window_pattern" in model_config:
+            return Detection(g["g4"], "resid_lambdas present and meta records window_pattern")
+        if "window_pattern" in user_config:
+            return Detection(g["g4"], "resid_lambdas present; window_pattern only in user_config")
+        return Detection(g["g3"], "resid_lambdas present, no window_pattern in meta")
+    if config.padded_vocab_size > config.vocab_size:
+        return Detection(g["g2"], f"wte has {config.padded_vocab_size} rows for vocab {config.vocab_size} (padded)")
+    return Detection(g["g1"], "no lambdas, value embeddings or smear: the original GPT")
+
+
+def expected_shapes(config: ModelConfig, spec: ArchSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this geometry and generation must hold, with its shape."""
+    c = config
+    d, kv = c.head_dim, c.n_kv_head * c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "transformer.wte.weight": (c.padded_vocab_size, c.n_embd),
+        "lm_head.weight": (c.padded_vocab_size, c.n_embd),
+    }
+    for i in range(c.n_layer):
+        h = f"transformer.h.{i}."
+        shapes[h + "attn.c_q.weight"] = (c.n_head * d, c.n_embd)
+        shapes[h + "attn.c_k.weight"] = (kv, c.n_embd)
+        shapes[h + "attn.c_v.weight"] = (kv, c.n_embd)
+        shapes[h + "attn.c_proj.weight"] = (c.n_embd, c.n_head * d)
+        shapes[h + "mlp.c_fc.weight"] = (4 * c.n_embd, c.n_embd)
+        shapes[h + "mlp.c_proj.weight"] = (c.n_embd, 4 * c.n_embd)
+    if spec.lambdas:
+        shapes["resid_lambdas"] = (c.n_layer,)
+        shapes["x0_lambdas"] = (c.n_layer,)
+    for i in c.ve_layers(spec):
+        shapes[f"value_embeds.{i}.weight"] = (c.padded_vocab_size, kv)
+        shapes[f"transformer.h.{i}.attn.ve_gate.weight"] = (c.n_kv_head, spec.ve_gate_channels)
+    if spec.smear:
+        shapes["smear_gate.weight"] = (1, spec.smear_channels)
+        shapes["smear_lambda"] = (1,)
+    if spec.backout:
+        shapes["backout_lambda"] = (1,)
+    return shapes
+
+
+def validate(weights: Weights, config: ModelConfig, spec: ArchSpec, origin: str) -> Weights:
+    """Check names and shapes against the spec; fill the lambdas the reference fills when absent."""
+    weights = dict(weights)
+    if spec.lambdas:  # the reference's _patch_missing_keys: identity mixing
+        weights.setdefault("resid_lambdas", np.ones(config.n_layer, np.float32))
+        weights.setdefault("x0_lambdas", np.zeros(config.n_layer, np.float32))
+    expected = expected_shapes(config, spec)
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_listing(missing)}")
+    if extra:
+        problems.append(f"unexpected tensors {_listing(extra)}")
+    for name in sorted(set(expected) & set(weights)):
+        found = tuple(weights[name].shape)
+        if found != expected[name]:
+            problems.append(f"{name} has shape {found}, expected {expected[name]}")
+    if problems:
+        raise CheckpointError(f"{origin} (read as {spec.name}): " + "; ".join(problems[:4]))
+    return weights
+
+
+def _listing(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
