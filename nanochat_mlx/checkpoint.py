@@ -52,7 +52,7 @@ def read_checkpoint(source: str, step: int | None = None, arch: str | None = Non
         detection = detect_generation(weights, config, meta, files.origin)
     else:
         meta = _read_json(files.config)
-        config, detection, quantization = _config_from_json(meta, weights, files, notes)
+        config, detection, quantization = _config_from_json(meta, weights, files, tokenizer.vocab_size, notes)
     if arch is not None:
         spec, how = get_spec(arch), f"set explicitly (arch={arch}); files suggest {detection.spec.name}"
     else:
@@ -102,6 +102,14 @@ def _padded_rows(weights: Weights, origin: Any) -> int:
     return int(wte.shape[0])
 
 
+def _unpadded_vocab(config_vocab: int, tokenizer_size: int) -> int:
+    """mlx-lm sizes wte from config vocab_size, so its folders of padded (g2+) models record the
+    padded row count: the tokenizer's size is the real vocab when the rows are just its padding."""
+    if tokenizer_size < config_vocab == -(-tokenizer_size // 64) * 64:
+        return tokenizer_size
+    return config_vocab
+
+
 def _config_from_meta(meta: dict, weights: Weights, path: Path | None, notes: list[str]) -> ModelConfig:
     mc = meta.get("model_config")
     keys = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
@@ -125,19 +133,23 @@ def _config_from_meta(meta: dict, weights: Weights, path: Path | None, notes: li
 
 
 def _config_from_json(
-    cfg: dict, weights: Weights, files: CheckpointFiles, notes: list[str]
+    cfg: dict, weights: Weights, files: CheckpointFiles, tokenizer_size: int, notes: list[str]
 ) -> tuple[ModelConfig, Detection, dict | None]:
     """config.json of a converted, transformers or mlx-lm folder."""
     ours = cfg.get("nanochat_mlx")
     if ours:
         config = ModelConfig(**ours["model_config"])
         spec = get_spec(ours["generation"])
-        return config, Detection(spec, f"recorded by nanochat-mlx convert ({ours.get('how', '')})".rstrip(" ()")), ours.get("quantization")
+        return (
+            config,
+            Detection(spec, f"recorded by nanochat-mlx convert ({ours.get('how', '')})".rstrip(" ()")),
+            ours.get("quantization"),
+        )
     try:
         n_head = int(cfg["num_attention_heads"])
         config = ModelConfig(
             sequence_len=int(cfg.get("max_position_embeddings", 2048)),
-            vocab_size=int(cfg["vocab_size"]),
+            vocab_size=_unpadded_vocab(int(cfg["vocab_size"]), tokenizer_size),
             n_layer=int(cfg["num_hidden_layers"]),
             n_head=n_head,
             n_kv_head=int(cfg.get("num_key_value_heads") or n_head),

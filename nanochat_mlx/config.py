@@ -7,8 +7,8 @@ torch backend read flags and constants from the spec; they never test generation
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .errors import CheckpointError
 
@@ -67,9 +67,7 @@ GENERATIONS: dict[str, ArchSpec] = {
         ArchSpec("g4", "g3 + sliding windows (short = S//2)", lambdas=True, short_window=_half),
         ArchSpec("g5", "g4 + value embeddings (gate 2*sigmoid over 32 channels)", **_G5),
         ArchSpec("g6", "g5 with softcap 20", softcap=20.0, **_G5),
-        ArchSpec(
-            "g7", "g6 with float32 rotary tables", softcap=20.0, rope_table_bf16=False, **_G5
-        ),
+        ArchSpec("g7", "g6 with float32 rotary tables", softcap=20.0, rope_table_bf16=False, **_G5),
         ArchSpec(
             "g8",
             "rope base 100000, q/k x1.15, VE gate 3*sigmoid over 12 channels, short = ceil(S/384)*128",

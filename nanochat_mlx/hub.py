@@ -17,48 +17,46 @@ _MODEL = re.compile(r"^model(?:_(\d+))?\.(pt|safetensors)$")
 _TOKENIZERS = ("tokenizer.pkl", "tokenizer.json", "tiktoken/tokenizer.model")
 
 
-def select_files(files: list[str], subdir: str = "", step: int | None = None) -> list[str]:
-    """The repo files one checkpoint needs: the shallowest checkpoint folder under ``subdir``."""
+def select_files(files: list[str] | set[str], subdir: str = "", step: int | None = None) -> list[str]:
+    """The repo files one checkpoint needs, from the shallowest checkpoint folder under ``subdir``."""
     prefix = subdir.strip("/") + "/" if subdir.strip("/") else ""
-    files = [f for f in files if f.startswith(prefix)]
+    present = {f for f in files if f.startswith(prefix)}
+    files = set(files)
     by_dir: dict[str, list[str]] = {}
-    for f in files:
+    for f in sorted(present):
         by_dir.setdefault(posixpath.dirname(f), []).append(posixpath.basename(f))
 
-    def is_checkpoint(names: list[str]) -> bool:
-        if "config.json" in names and any(n.endswith(".safetensors") for n in names):
-            return True
-        return any(_MODEL.match(n) for n in names)
+    def has_config_weights(names: list[str]) -> bool:
+        return "config.json" in names and any(n.endswith(".safetensors") for n in names)
 
-    folders = sorted((d for d, names in by_dir.items() if is_checkpoint(names)), key=lambda d: (d.count("/") if d else -1, d))
-    if not folders:
+    candidates = [d for d, names in by_dir.items() if has_config_weights(names) or any(map(_MODEL.match, names))]
+    if not candidates:
         return []
-    folder = folders[0]
+    folder = min(candidates, key=lambda d: (d.count("/") + bool(d), d))
     names = by_dir[folder]
-    join = lambda name: posixpath.join(folder, name) if folder else name  # noqa: E731
-    if "config.json" in names and any(n.endswith(".safetensors") for n in names):
+    if has_config_weights(names):
         chosen = ["config.json", *(n for n in names if n.endswith(".safetensors"))]
     else:
         steps = {int(m.group(1)) if m.group(1) else None: n for n in names if (m := _MODEL.match(n))}
         numbered = sorted(s for s in steps if s is not None)
         want = step if step is not None else (numbered[-1] if numbered else None)
-        chosen = [steps[want]] if want in steps else []
-        chosen += [n for n in names if n == "meta.json" or (re.fullmatch(r"meta_(\d+)\.json", n) and want is not None and int(n[5:-5]) == want)]
-    picked = [join(n) for n in chosen]
-    # Tokenizer: beside the model, in tokenizer/, or in any folder above (repo root included).
+        meta = "meta.json" if want is None else next((n for n in names if _is_meta_of(n, want)), None)
+        chosen = [n for n in (steps.get(want), meta) if n]
+    picked = {posixpath.join(folder, n) for n in chosen}
+    # The tokenizer: beside the model, in tokenizer/, or in any folder above (the repo root included).
     parts = folder.split("/") if folder else []
     for depth in range(len(parts), -1, -1):
         base = "/".join(parts[:depth])
-        for sub in ("", "tokenizer/"):
-            for name in _TOKENIZERS:
-                path = posixpath.join(base, sub + name) if base else sub + name
-                if path in files or path in _all(by_dir):
-                    picked.append(path)
-    return sorted(set(picked))
+        for name in _TOKENIZERS:
+            for path in (posixpath.join(base, name), posixpath.join(base, "tokenizer", name)):
+                if path in files:
+                    picked.add(path)
+    return sorted(picked)
 
 
-def _all(by_dir: dict[str, list[str]]) -> set[str]:
-    return {posixpath.join(d, n) if d else n for d, names in by_dir.items() for n in names}
+def _is_meta_of(name: str, step: int) -> bool:
+    m = re.fullmatch(r"meta_(\d+)\.json", name)
+    return bool(m) and int(m.group(1)) == step
 
 
 def download(repo_id: str, subdir: str = "", revision: str | None = None, step: int | None = None) -> Path:
@@ -80,8 +78,9 @@ def download(repo_id: str, subdir: str = "", revision: str | None = None, step: 
             files = None
         if files is not None:
             patterns = select_files(files, subdir, step)
-            if not patterns:
-                raise NanochatError(f"{source}: the repository holds no nanochat checkpoint")
+            if not any(_MODEL.match(posixpath.basename(p)) or p.endswith(".safetensors") for p in patterns):
+                wanted = f" for step {step}" if step is not None else ""
+                raise NanochatError(f"{source}: the repository holds no nanochat checkpoint{wanted}")
             path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     if path is None:
         try:

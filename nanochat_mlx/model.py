@@ -12,11 +12,10 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_causal_mask
-from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 
 from .config import RMS_EPS, ArchSpec, ModelConfig
 from .errors import NanochatError
+from .kvcache import KVCache, SmearMemory, WindowKVCache, causal_mask
 from .rope import rotary_tables
 
 
@@ -129,25 +128,25 @@ class GPT(nn.Module):
 
     def make_cache(self) -> list[Any]:
         """Per-layer KV caches (windowed layers keep only w+1 keys), then g9's smear memory."""
-        caches: list[Any] = [KVCache() if w is None else RotatingKVCache(max_size=w + 1) for w in self.window_sizes]
+        caches: list[Any] = [KVCache() if w is None else WindowKVCache(w) for w in self.window_sizes]
         if self.spec.smear:
-            caches.append(ArraysCache(1))  # the previous position's pre-smear embedding
+            caches.append(SmearMemory())
         return caches
 
     def _mask(self, i: int, T: int, cache: Any) -> mx.array | str | None:
         if cache is not None:
-            return cache.make_mask(T, return_array=False, window_size=None)
+            return cache.make_mask(T)
         w = self.window_sizes[i]
         if w is None or T <= w + 1:
             return "causal" if T > 1 else None
-        return create_causal_mask(T, 0, window_size=w + 1)
+        return causal_mask(T, 0, w)
 
-    def _smear(self, x: mx.array, memory: ArraysCache | None) -> mx.array:
+    def _smear(self, x: mx.array, memory: SmearMemory | None) -> mx.array:
         """Mix each position's normed embedding with its predecessor's (g9)."""
         gate = self.smear_lambda.astype(x.dtype) * mx.sigmoid(self.smear_gate(x[..., : self.spec.smear_channels]))
-        prev = memory[0] if memory is not None else None
+        prev = memory.prev if memory is not None else None
         if memory is not None:
-            memory[0] = x[:, -1:]
+            memory.prev = x[:, -1:]
         if prev is not None:
             return x + gate * mx.concatenate([prev, x[:, :-1]], axis=1)
         if x.shape[1] == 1:

@@ -54,11 +54,7 @@ def use_calculator(expr: str) -> str | None:
             return None
         tree = _parse(expr)
         value = None if tree is None else _eval_arithmetic(tree)
-    elif (
-        all(c in _TEXT_CHARS for c in expr)
-        and not any(p in expr.lower() for p in _DANGEROUS)
-        and ".count(" in expr
-    ):
+    elif all(c in _TEXT_CHARS for c in expr) and not any(p in expr.lower() for p in _DANGEROUS) and ".count(" in expr:
         tree = _parse(expr)
         value = None if tree is None else _eval_count(tree)
     else:

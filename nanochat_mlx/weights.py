@@ -144,8 +144,7 @@ def detect_generation(weights: Weights, config: ModelConfig, meta: dict | None, 
                 ambiguous_with=("g6", "g7"),
             )
         raise CheckpointError(
-            f"{origin}: ve_gate.weight reads {sorted(widths)} channels; known widths are 32 (g5-g7) "
-            "and 12 (g8, g9)"
+            f"{origin}: ve_gate.weight reads {sorted(widths)} channels; known widths are 32 (g5-g7) and 12 (g8, g9)"
         )
     if "resid_lambdas" in names or "x0_lambdas" in names:
         model_config = (meta or {}).get("model_config", {})

@@ -8,8 +8,6 @@ import ml_dtypes
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import ArraysCache, can_trim_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
 
 from ..checkpoint import Checkpoint
 from ..model import GPT
@@ -45,7 +43,12 @@ def build_mlx_model(ckpt: Checkpoint, dtype: str | None = None, quantize: int | 
     mdtype = MLX_DTYPES[dtype]
     model = GPT(ckpt.config, ckpt.spec, dtype=mdtype)
     if ckpt.quantization:  # a quantized converted folder: build the quantized shapes first
-        nn.quantize(model, group_size=ckpt.quantization["group_size"], bits=ckpt.quantization["bits"], class_predicate=quantizable)
+        nn.quantize(
+            model,
+            group_size=ckpt.quantization["group_size"],
+            bits=ckpt.quantization["bits"],
+            class_predicate=quantizable,
+        )
     weights = []
     for name, array in ckpt.weights.items():
         w = to_mlx(array)
@@ -90,34 +93,12 @@ class MLXRunner:
     def expand(self, cache: list, logits: mx.array, n: int) -> tuple[list, mx.array]:
         """Copy a one-row cache (and its logits) into ``n`` rows, as the reference's KVCache.prefill."""
         for c in cache:
-            if isinstance(c, ArraysCache):
-                c.cache = [None if a is None else mx.repeat(a, n, axis=0) for a in c.cache]
-            elif c.keys is not None:
-                c.keys, c.values = mx.repeat(c.keys, n, axis=0), mx.repeat(c.values, n, axis=0)
+            c.repeat(n)
         return cache, mx.repeat(logits, n, axis=0)
 
     def sampler(self, params: SamplingParams):
-        """(logits (B, V), row histories or None) -> lazy ids (B,), built from mlx-lm's samplers."""
-        if params.seed is not None:
-            mx.random.seed(params.seed)
-        pick = make_sampler(
-            temp=params.temperature,
-            top_p=params.top_p if params.top_p < 1.0 else 0.0,
-            min_p=params.min_p,
-            top_k=params.top_k or 0,
-        )
-        penalty = make_repetition_penalty(params.repetition_penalty) if params.repetition_penalty != 1.0 else None
-
-        def sample(logits: mx.array, histories: list[list[int]] | None) -> mx.array:
-            if penalty is not None and histories:
-                logits = mx.concatenate(
-                    [penalty(mx.array(h), logits[i : i + 1]) for i, h in enumerate(histories)], axis=0
-                )
-            if params.greedy:
-                return mx.argmax(logits, axis=-1)
-            return pick(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-
-        return sample
+        """(logits (B, V), row histories or None) -> lazy ids (B,)."""
+        return make_sampler(params)
 
     def tokens(self, ids: list[int]) -> mx.array:
         return mx.array(ids)
@@ -129,12 +110,63 @@ class MLXRunner:
         return ids.tolist()
 
     def trim(self, cache: list, n: int) -> bool:
-        if any(isinstance(c, ArraysCache) for c in cache) or not can_trim_prompt_cache(cache):
+        if not all(c.is_trimmable() for c in cache):
             return False
-        return trim_prompt_cache(cache, n) == n
+        return all(c.trim(n) == n for c in cache)
 
     def reset_peak_memory(self) -> None:
         mx.reset_peak_memory()
 
     def peak_memory(self) -> int:
         return int(mx.get_peak_memory())
+
+
+REPETITION_WINDOW = 64  # recent tokens the repetition penalty looks at
+
+
+def make_sampler(params: SamplingParams):
+    """A device-side sampler: greedy (first max), or temperature with top-k / top-p / min-p.
+
+    Randomness comes from a key seeded by ``params.seed`` and split per step, so the same seed
+    gives the same tokens whatever else uses MLX's global generator.
+    """
+    key = mx.random.key(params.seed) if params.seed is not None else None
+
+    def penalize(logits: mx.array, histories: list[list[int]]) -> mx.array:
+        rows = []
+        for i, history in enumerate(histories):
+            row = logits[i]
+            ids = mx.array(sorted(set(history[-REPETITION_WINDOW:])))
+            picked = row[ids]
+            row[ids] = mx.where(picked < 0, picked * params.repetition_penalty, picked / params.repetition_penalty)
+            rows.append(row)
+        return mx.stack(rows)
+
+    def sample(logits: mx.array, histories: list[list[int]] | None) -> mx.array:
+        nonlocal key
+        if params.repetition_penalty != 1.0 and histories:
+            logits = penalize(logits, histories)
+        if params.greedy:
+            return mx.argmax(logits, axis=-1)
+        logits = logits / params.temperature
+        vocab = logits.shape[-1]
+        if params.top_k and params.top_k < vocab:
+            kth = mx.topk(logits, params.top_k, axis=-1).min(axis=-1, keepdims=True)
+            logits = mx.where(logits < kth, -mx.inf, logits)
+        if params.min_p > 0 or params.top_p < 1.0:
+            probs = mx.softmax(logits, axis=-1)
+            if params.min_p > 0:
+                logits = mx.where(probs < params.min_p * probs.max(axis=-1, keepdims=True), -mx.inf, logits)
+            if params.top_p < 1.0:
+                order = mx.argsort(-probs, axis=-1)
+                sorted_probs = mx.take_along_axis(probs, order, axis=-1)
+                # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+                drop_sorted = (mx.cumsum(sorted_probs, axis=-1) - sorted_probs) >= params.top_p
+                drop = mx.take_along_axis(drop_sorted, mx.argsort(order, axis=-1), axis=-1)
+                logits = mx.where(drop, -mx.inf, logits)
+        if key is None:
+            return mx.random.categorical(logits)
+        key, sub = mx.random.split(key)
+        return mx.random.categorical(logits, key=sub)
+
+    return sample

@@ -1,0 +1,78 @@
+"""Shared, generic helpers for the test suite: where the fixtures live and how to read them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Test modules import these helpers with ``from conftest import ...``; keep that working whether
+# or not tests/ is a package.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+
+# Every variant folder of the reference fixtures (see fixtures/README.md).
+ALL_VARIANTS = [
+    "g1",
+    "g2",
+    "g3",
+    "g4",
+    "g5",
+    "g6",
+    "g7",
+    "g8",
+    "g9",
+    "g1-bf16",
+    "g1-orig-mod",
+    "g1-multistep",
+    "g9-bf16",
+    "g9-orig-mod",
+    "g9-multistep",
+]
+
+# g5, g6 and g7 are identical on disk: the generation has to be named for g6 and g7.
+ARCH_OVERRIDE = {"g6": "g6", "g7": "g7"}
+
+TOKENS_TERMINAL = ("<|assistant_end|>", "<|bos|>")
+
+
+def variant_dir(name: str) -> Path:
+    """The fixture folder of one variant (``g1``, ``g9-bf16``, ...)."""
+    path = FIXTURES / name
+    if not path.is_dir():
+        raise FileNotFoundError(path)
+    return path
+
+
+def variant_arch(name: str) -> str | None:
+    """The ``arch=`` a variant must be loaded with (None: the files tell)."""
+    return ARCH_OVERRIDE.get(name)
+
+
+def expected_json(name: str, file: str) -> dict:
+    """One of a variant's ``expected/*.json`` files, parsed."""
+    return json.loads((variant_dir(name) / "expected" / file).read_text(encoding="utf-8"))
+
+
+def expected_npz(name: str, file: str) -> dict[str, np.ndarray]:
+    """One of a variant's ``expected/*.npz`` files as a dict of arrays."""
+    with np.load(variant_dir(name) / "expected" / file) as data:
+        return {k: data[k] for k in data.files}
+
+
+def copy_variant(name: str, dest: Path) -> Path:
+    """A writable copy of a variant folder (without ``expected/``) at ``dest``."""
+    shutil.copytree(variant_dir(name), dest, ignore=shutil.ignore_patterns("expected"))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES

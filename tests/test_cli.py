@@ -1,0 +1,195 @@
+"""The nanochat-mlx command, run as a real subprocess on fixture models."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ALL_VARIANTS, expected_json, variant_arch, variant_dir
+
+CLI = [sys.executable, "-m", "nanochat_mlx.cli"]
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+BACKENDS = ["mlx", pytest.param("torch", marks=pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed"))]
+
+
+def nanochat(
+    *args: str, stdin: str | None = None, env: dict | None = None, timeout: int = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CLI, *args],
+        input=stdin.encode() if stdin is not None else None,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def reference_reply(variant: str, case_name: str = "chat_completion") -> tuple[str, str, int]:
+    """(user message, expected stdout reply, max tokens) of a fixture's greedy chat completion."""
+    case = next(c for c in expected_json(variant, "generate.json")["cases"] if c["name"] == case_name)
+    messages = expected_json(variant, "tokenizer_cases.json")["render_for_completion"]["conversation"]["messages"]
+    user = next(m["content"] for m in messages if m["role"] == "user")
+    want = case["text_row0"]
+    if case["completed_early"]:
+        want = want.removesuffix("<|assistant_end|>").removesuffix("<|bos|>")
+    return user, want, case["max_tokens"]
+
+
+def arch_args(variant: str) -> list[str]:
+    arch = variant_arch(variant)
+    return ["--arch", arch] if arch else []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_one_shot_greedy_reply_is_the_reference_reply(variant, backend):
+    user, want, max_tokens = reference_reply(variant)
+    r = nanochat(
+        "--source", str(variant_dir(variant)), "-p", user, "-t", "0", "--max-tokens", str(max_tokens),
+        "--backend", backend, *arch_args(variant),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode() == want + "\n"
+
+
+def test_prompt_dash_reads_stdin():
+    user, want, max_tokens = reference_reply("g9")
+    r = nanochat("--source", str(variant_dir("g9")), "-p", "-", "-t", "0", "--max-tokens", str(max_tokens), stdin=user)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode() == want + "\n"
+
+
+def test_stats_go_to_stderr_only():
+    user, want, max_tokens = reference_reply("g5")
+    r = nanochat(
+        "--source",
+        str(variant_dir("g5")),
+        "-p",
+        user,
+        "-t",
+        "0",
+        "--max-tokens",
+        str(max_tokens),
+        "--stats",
+        "--backend",
+        "mlx",
+    )
+    assert r.stdout.decode() == want + "\n"
+    err = r.stderr.decode()
+    assert "tok/s" in err and "ttft" in err and "mlx cpu float32" in err
+    assert "ambiguous" in err  # g5 on disk could be g6/g7: said on stderr
+
+
+def test_repl_runs_two_turns_clear_and_quit():
+    r = nanochat(
+        "--source",
+        str(variant_dir("g9")),
+        "-t",
+        "0",
+        "--max-tokens",
+        "8",
+        stdin="hello\nsecond turn\nclear\nhello\nquit\nnever sent\n",
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    replies = r.stdout.decode().split("\n")[:3]
+    assert len(replies) == 3
+    assert replies[0] == replies[2]  # after clear, the same greeting gets the same greedy reply
+    assert "cleared" in r.stderr.decode()
+
+
+def test_repl_exits_cleanly_at_end_of_input():
+    r = nanochat("--source", str(variant_dir("g1")), "-t", "0", "--max-tokens", "4", stdin="hi\n")
+    assert r.returncode == 0
+    assert r.stdout.decode().count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-t", "-1"],
+        ["--top-p", "0"],
+        ["--top-p", "1.5"],
+        ["--max-tokens", "-3"],
+        ["--dtype", "float64"],
+        ["--backend", "cuda"],
+        ["--quantize", "3"],
+        ["--arch", "g42"],
+    ],
+)
+def test_invalid_options_are_rejected_with_a_short_message(args):
+    r = nanochat("--source", str(variant_dir("g1")), "-p", "hi", *args)
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    assert "Traceback" not in err and err.strip()
+    assert r.stdout == b""
+
+
+def test_missing_source_is_a_one_line_error(tmp_path):
+    r = nanochat("--source", str(tmp_path / "nope"), "-p", "hi")
+    assert r.returncode == 1
+    assert r.stderr.decode().count("\n") == 1 and "nope" in r.stderr.decode()
+
+
+def test_uncached_hub_repo_offline_says_how_to_use_a_local_folder(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = nanochat("--source", "hf:nobody/not-a-model", "-p", "hi", env=env)
+    assert r.returncode == 1
+    err = r.stderr.decode()
+    assert "hf:nobody/not-a-model" in err and "--source" in err and "Traceback" not in err
+
+
+def test_default_source_is_the_d32_hub_repo(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = nanochat("-p", "hi", env=env)
+    assert r.returncode == 1
+    assert "hf:Antigma/nanochat-d32" in r.stderr.decode()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = nanochat("--source", str(tmp_path / "nope"), "-p", "hi", "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr.decode()
+
+
+def test_info_describes_the_checkpoint():
+    r = nanochat("info", str(variant_dir("g9")))
+    assert r.returncode == 0, r.stderr.decode()
+    out = r.stdout.decode()
+    for needle in (
+        "g9",
+        "smear_gate.weight",
+        "n_layer=4",
+        "128, 128, 64, 64",
+        "model_000500.pt",
+        "tokenizer.pkl",
+        "bfloat16",
+    ):
+        assert needle in out
+
+
+def test_info_on_ambiguous_generation_says_so():
+    out = nanochat("info", str(variant_dir("g6"))).stdout.decode()
+    assert "g5" in out and "g6" in out and "--arch" in out
+
+
+def test_info_with_arch_override():
+    out = nanochat("info", str(variant_dir("g6")), "--arch", "g6").stdout.decode()
+    assert "generation:   g6" in out and "softcap 20" in out
+
+
+def test_multistep_step_option_loads_the_older_step():
+    r = nanochat("info", str(variant_dir("g9-multistep")), "--step", "100")
+    assert "step 100" in r.stdout.decode()
+    r = nanochat("info", str(variant_dir("g9-multistep")), "--step", "7")
+    assert r.returncode == 1 and "step 7" in r.stderr.decode() and "100, 200" in r.stderr.decode()
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "nanochat-mlx"
+    assert script.exists()
+    r = subprocess.run([str(script), "--help"], capture_output=True, timeout=60)
+    assert r.returncode == 0 and b"--source" in r.stdout
