@@ -126,6 +126,15 @@ def _mlx_param_bytes(model: Any) -> tuple[int, int]:
     return total, active
 
 
+def _active_memory(backend: str) -> int | None:
+    """MLX memory held right now (all models in the process); None where not tracked."""
+    if backend != "mlx":
+        return None
+    import mlx.core as mx
+
+    return int(mx.get_active_memory())
+
+
 def _timed(build: Callable[[], Any]) -> tuple[Any, float, float]:
     """Build twice (first = cold, second = warm); keep the second."""
     t0 = time.perf_counter()
@@ -153,10 +162,14 @@ def ours(ckpt: Checkpoint, backend: str, dtype: str, quantize: int | None, sourc
 
     def run(prompt: list[int], n: int) -> Trial:
         stats = None
+        base = _active_memory(backend)
         for ev in engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=n, seed=0)):
             stats = ev.stats or stats
         assert stats is not None and stats.generated_tokens == n, stats
-        return Trial(stats.ttft_s, stats.prefill_tps, stats.decode_tps, stats.peak_memory_bytes)
+        peak = stats.peak_memory_bytes
+        if peak and base is not None:  # other models share the process: count this one's weights only
+            peak = peak - base + total
+        return Trial(stats.ttft_s, stats.prefill_tps, stats.decode_tps, peak)
 
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     if backend == "mlx":
@@ -208,6 +221,7 @@ def mlx_lm_contender(ckpt: Checkpoint, dtype: str, quantize: int | None) -> Cont
     model, cold, warm = _timed(build)
 
     def run(prompt: list[int], n: int) -> Trial:
+        base = int(mx.get_active_memory())
         mx.reset_peak_memory()
         t0 = time.perf_counter()
         first = None
@@ -220,7 +234,8 @@ def mlx_lm_contender(ckpt: Checkpoint, dtype: str, quantize: int | None) -> Cont
         end = time.perf_counter()
         assert count == n
         ttft = first - t0
-        return Trial(ttft, len(prompt) / ttft, (n - 1) / (end - first) if n > 1 else 0.0, int(mx.get_peak_memory()))
+        peak = int(mx.get_peak_memory()) - base + total  # this model's weights + what the run allocated
+        return Trial(ttft, len(prompt) / ttft, (n - 1) / (end - first) if n > 1 else 0.0, peak)
 
     total, active = _mlx_param_bytes(model)
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
@@ -454,9 +469,9 @@ def ReferenceGPT(ckpt: Checkpoint, dtype: str = "float32") -> Any:  # noqa: N802
                 logits = self.forward(ids, kv_cache=cache)[:, -1, :]
 
     model = GPT()
-    state = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)).to(tdtype) for k, v in ckpt.weights.items()}
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in ckpt.weights.items()}
     model.load_state_dict(state, strict=True)
-    return model.eval()
+    return model.to(tdtype).eval()
 
 
 # --- measurement ------------------------------------------------------------------------------------
@@ -498,9 +513,7 @@ def _prompt(ckpt: Checkpoint, n: int, seed: int) -> list[int]:
     return [ckpt.tokenizer.get_bos_token_id(), *rng.integers(0, top, size=n - 1).tolist()]
 
 
-def _rows(
-    c: Contender, geometry: str, arch: str, decode_tokens: int, bandwidth: float, trials: int
-) -> list[Row]:
+def _rows(c: Contender, geometry: str, arch: str, decode_tokens: int, bandwidth: float, trials: int) -> list[Row]:
     rows = []
     for n, results in sorted(c.results.items()):
         context = n + decode_tokens // 2
@@ -510,10 +523,28 @@ def _rows(
         peaks = [t.peak_memory_bytes for t in results if t.peak_memory_bytes is not None]
         rows.append(
             Row(
-                c.impl, c.backend, c.device, c.dtype, c.quantize, geometry, n, context,
-                statistics.median(pre), statistics.median(dec), statistics.median(t.ttft_s for t in results),
-                max(peaks) if peaks else None, c.weight_bytes, bandwidth, bandwidth * 1e9 / per_token, len(results),
-                arch, decode_tokens, (min(pre), max(pre)), (min(dec), max(dec)), c.load_cold_s, c.load_warm_s,
+                c.impl,
+                c.backend,
+                c.device,
+                c.dtype,
+                c.quantize,
+                geometry,
+                n,
+                context,
+                statistics.median(pre),
+                statistics.median(dec),
+                statistics.median(t.ttft_s for t in results),
+                max(peaks) if peaks else None,
+                c.weight_bytes,
+                bandwidth,
+                bandwidth * 1e9 / per_token,
+                len(results),
+                arch,
+                decode_tokens,
+                (min(pre), max(pre)),
+                (min(dec), max(dec)),
+                c.load_cold_s,
+                c.load_warm_s,
             )  # fmt: skip
         )
     return rows
@@ -658,11 +689,19 @@ def markdown(rows: list[Row]) -> str:
                     f"| {o.ttft_s / r.ttft_s:.2f}x |"
                 )
     if ratios:
-        out += ["", "| ratio (higher = ours faster) | dtype | quant | prompt | prefill | decode | TTFT |", "|" + "---|" * 7]
+        out += [
+            "",
+            "| ratio (higher = ours faster) | dtype | quant | prompt | prefill | decode | TTFT |",
+            "|" + "---|" * 7,
+        ]
         out += ratios
     quality_rows = {(r.dtype, r.quantize): r.quality for r in rows if r.quality}
     if quality_rows:
-        out += ["", "| quantization | dtype | mean abs dlogit | mean abs logit | greedy agreement |", "|---|---|---|---|---|"]
+        out += [
+            "",
+            "| quantization | dtype | mean abs dlogit | mean abs logit | greedy agreement |",
+            "|---|---|---|---|---|",
+        ]
         for (dtype, bits), q in sorted(quality_rows.items()):
             out.append(
                 f"| {bits}-bit | {dtype} | {q['mean_abs_dlogit']:.4f} | {q['mean_abs_logit']:.3f} "
@@ -802,7 +841,10 @@ def _main(args: argparse.Namespace) -> int:
     if args.markdown:
         args.markdown.write_text(table, encoding="utf-8")
     if args.json:
-        payload = {"machine": machine_facts(rows[0].bandwidth_gbps if rows else None), "rows": [asdict(r) for r in rows]}
+        payload = {
+            "machine": machine_facts(rows[0].bandwidth_gbps if rows else None),
+            "rows": [asdict(r) for r in rows],
+        }
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     if args.plot:
         plot(rows, args.plot)

@@ -46,6 +46,10 @@ def convert(
     check_options(dtype, quantize)
     dtype = dtype or "float32"
     ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(str(source), step=step, arch=arch)
+    if ckpt.quantization and quantize is not None and quantize != ckpt.quantization.get("bits"):
+        raise NanochatError(
+            f"{ckpt.name}: already quantized to {ckpt.quantization.get('bits')} bits; convert the unquantized source"
+        )
     from .backends.mlx_backend import build_mlx_model
 
     model = build_mlx_model(ckpt, dtype=dtype, quantize=quantize)

@@ -121,6 +121,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.runner: Runner = runner_for(model)
         self.prefill_chunk = prefill_chunk
+        self.last_stats: GenerationStats | None = None
         special = tokenizer.encode_special
         self.stop_ids = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self._python_start = special("<|python_start|>")

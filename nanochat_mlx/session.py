@@ -57,6 +57,10 @@ class ChatSession:
         """Remove the last turn and return it."""
         return self.turns.pop() if self.turns else None
 
+    def load_turns(self, turns: list[Turn]) -> None:
+        """Replace the conversation (e.g. a saved chat); the prompt cache keeps what still matches."""
+        self.turns = list(turns)
+
     def set_system(self, text: str | None) -> None:
         self.system_prompt = text or None
 
@@ -145,8 +149,9 @@ class ChatSession:
         turn = self.turns[-1]
         fed = list(tokens)
         finished = False
+        events = self.engine.generate(tokens, self.params, cache=cache)
         try:
-            for event in self.engine.generate(tokens, self.params, cache=cache):
+            for event in events:
                 if event.stats is None:
                     turn.reply_tokens.append(event.token)
                     fed.append(event.token)
@@ -156,5 +161,8 @@ class ChatSession:
                 turn.reply += event.text
                 yield event
         finally:
+            events.close()  # a cancelled reply stops decoding now; the engine records its stats
             turn.stopped = not finished
+            if not finished:
+                turn.stats = self.engine.last_stats
             self._cached = fed[: self.engine.runner.cache_length(cache)]

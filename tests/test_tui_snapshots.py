@@ -1,0 +1,106 @@
+"""SVG snapshots of the chat app (pytest-textual-snapshot): main screen, settings, help, error."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pytest_textual_snapshot")
+
+from conftest import FIXTURES  # noqa: E402
+
+from nanochat_mlx import SamplingParams  # noqa: E402
+from tui.app import NanochatApp  # noqa: E402
+from tui.loader import LoadOptions  # noqa: E402
+from tui.screens import ChatScreen, ErrorScreen  # noqa: E402
+from tui.storage import Conversation  # noqa: E402
+
+SIZE = (110, 36)
+SOURCE = str(FIXTURES / "g9")
+
+REPLY = """Sure! Here is a small Python function that greets someone:
+
+```python
+def greet(name: str) -> str:
+    return f"Hello, {name}!"
+```
+
+Call it with `greet("Ada")`. And the sum you asked for: \
+<|python_start|>21+21<|python_end|><|output_start|>42<|output_end|> so the answer is **42**."""
+
+CONVERSATION = Conversation(
+    id="snapshot",
+    title="Greeting and a sum",
+    source=SOURCE,
+    generation="g9",
+    turns=[
+        {"user": "Write a greet function in Python, and what is 21+21?", "reply": REPLY},
+        {"user": "Thanks! One more thing…", "reply": "Of course, happy to help", "stopped": True},
+    ],
+)
+
+
+@pytest.fixture(autouse=True)
+def data_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+
+
+def make_app(source: str = SOURCE) -> NanochatApp:
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    return NanochatApp(LoadOptions(source, backend="mlx"), params, show_timing=False)
+
+
+async def until(pilot, condition) -> None:
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < 30, "timed out"
+        await pilot.pause(0.02)
+    await pilot.pause()
+
+
+async def chat_ready(pilot) -> ChatScreen:
+    await until(pilot, lambda: isinstance(pilot.app.screen, ChatScreen))
+    return pilot.app.screen
+
+
+def test_main_screen(snap_compare):
+    async def run_before(pilot) -> None:
+        chat = await chat_ready(pilot)
+        await chat.open_conversation(CONVERSATION, announce=False)
+        await pilot.pause()
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
+
+
+def test_welcome_screen(snap_compare):
+    async def run_before(pilot) -> None:
+        await chat_ready(pilot)
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
+
+
+def test_settings_screen(snap_compare):
+    async def run_before(pilot) -> None:
+        await chat_ready(pilot)
+        await pilot.press("f2")
+        await pilot.pause()
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
+
+
+def test_help_screen(snap_compare):
+    async def run_before(pilot) -> None:
+        await chat_ready(pilot)
+        await pilot.press("f1")
+        await pilot.pause()
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
+
+
+def test_error_screen(snap_compare):
+    async def run_before(pilot) -> None:
+        await until(pilot, lambda: isinstance(pilot.app.screen, ErrorScreen))
+
+    assert snap_compare(make_app("no/such/model"), terminal_size=SIZE, run_before=run_before)

@@ -1,0 +1,1 @@
+"""nanochat-mlx's terminal chat app (Textual). Entry point: :func:`tui.app.run_tui`."""

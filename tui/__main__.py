@@ -1,0 +1,19 @@
+"""``python -m tui [SOURCE] [--backend B]``: the chat app with default sampling, without the CLI (for development)."""
+
+from __future__ import annotations
+
+import sys
+
+from nanochat_mlx.sampling import SamplingParams
+
+from .app import run_tui
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    backend = "auto"
+    if "--backend" in args:
+        i = args.index("--backend")
+        backend = args[i + 1]
+        del args[i : i + 2]
+    source = args[0] if args else "hf:Antigma/nanochat-d32"
+    sys.exit(run_tui(source, backend=backend, params=SamplingParams()))

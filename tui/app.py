@@ -1,0 +1,176 @@
+"""The Textual app: load a model (loading / error screens), then chat. Entry point: :func:`run_tui`."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from nanochat_mlx.backends import pick_backend
+from nanochat_mlx.errors import NanochatError
+from nanochat_mlx.sampling import SamplingParams
+
+from .loader import LoadedModel, LoadOptions, ModelThread, describe_error, format_traceback, load_model
+from .screens import ChatScreen, ErrorScreen, HelpScreen, LoadingScreen
+from .storage import ConversationStore
+from .widgets.prompt import NEWLINE_KEYS
+
+
+def key_label(keys: str) -> str:
+    """``"ctrl+n,f2"`` as ``"Ctrl+N / F2"``."""
+    names = {"escape": "Esc", "enter": "Enter", "delete": "Delete", "up": "↑", "down": "↓", "tab": "Tab"}
+
+    def one(key: str) -> str:
+        parts = key.split("+")
+        return "+".join(names.get(p, p.upper() if len(p) == 1 or p[0] == "f" else p.capitalize()) for p in parts)
+
+    return " / ".join(one(k.strip()) for k in keys.split(","))
+
+
+class NanochatApp(App[int]):
+    """Chat with a nanochat model in the terminal."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "nanochat-mlx"
+    BINDINGS = [
+        Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="Quit (the chat is already saved)"),
+        Binding("f1", "help", "Help", tooltip="Show every key and command"),
+    ]
+
+    def __init__(
+        self,
+        options: LoadOptions,
+        params: SamplingParams | None = None,
+        system: str | None = None,
+        *,
+        debug: bool = False,
+        show_timing: bool = True,
+        store: ConversationStore | None = None,
+    ) -> None:
+        super().__init__()
+        self.options = options
+        self.params = params or SamplingParams()
+        self.system = system
+        self.show_tracebacks = debug
+        self.show_timing = show_timing
+        self.store = store or ConversationStore()
+        self.model_thread = ModelThread()
+        self.model: LoadedModel | None = None
+        self.load_error: str | None = None
+        self.theme = "tokyo-night"
+
+    # --- loading -------------------------------------------------------------------------------
+    def on_mount(self) -> None:
+        self.load(self.options.source)
+
+    def load(self, source: str) -> None:
+        """Show the loading screen and load ``source`` (errors lead to the error screen)."""
+        self.options = self.options.with_source(source)
+        try:
+            backend = pick_backend(self.options.backend)
+        except NanochatError:
+            backend = self.options.backend
+        screen = LoadingScreen(source, backend)
+        if isinstance(self.screen, (LoadingScreen, ErrorScreen, ChatScreen)):
+            self.switch_screen(screen)
+        else:
+            self.push_screen(screen)
+        self._load_worker(self.options, screen)
+
+    @work(exclusive=True, group="load")
+    async def _load_worker(self, options: LoadOptions, screen: LoadingScreen) -> None:
+        def stage(key: str) -> None:
+            screen.post_message(LoadingScreen.Stage(key))
+
+        try:
+            model = await self.model_thread.run(load_model, options, stage)
+        except Exception as exc:  # every failure becomes the error screen, never a traceback
+            self.load_error = describe_error(exc)
+            details = format_traceback(exc) if self.show_tracebacks else None
+            await self.switch_screen(ErrorScreen(self.load_error, options.source, details))
+            return
+        self.model, self.load_error = model, None
+        chat = ChatScreen(model, self.params, self.system, self.store, show_timing=self.show_timing)
+        await self.switch_screen(chat)
+
+    # --- actions -------------------------------------------------------------------------------
+    async def action_quit(self) -> None:
+        """Ctrl+Q: stop any reply and leave (status 0; 1 when no model could be loaded)."""
+        for screen in self.screen_stack:
+            if isinstance(screen, ChatScreen):
+                screen.cancel_generation()
+        code = 1 if isinstance(self.screen, ErrorScreen) else 0
+        self.exit(code, return_code=code)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.help_keys()))
+
+    def help_keys(self) -> list[tuple[str, str]]:
+        """Every key the app answers to, with what it does."""
+        rows = [
+            ("Enter", "Send the message (or run a /command)"),
+            (key_label(",".join(NEWLINE_KEYS)), "New line in the message"),
+            ("↑ / ↓", "Earlier / later messages you sent (on the first / last line of the prompt)"),
+        ]
+        for binding in ChatScreen.BINDINGS:
+            rows.append((key_label(binding.key), binding.tooltip or binding.description))
+        rows += [
+            ("Click a code block", "Copy that code block"),
+            (key_label(self.COMMAND_PALETTE_BINDING), "Command palette: every command, themes, screenshots"),
+            ("Tab / Shift+Tab", "Move focus"),
+            ("Ctrl+C", "Copy selected text"),
+        ]
+        for binding in self.BINDINGS:
+            rows.append((key_label(binding.key), binding.tooltip or binding.description))
+        rows += [
+            ("F2 → Ctrl+S / Esc", "In settings: save / cancel"),
+            ("Ctrl+O → Enter / Delete", "In the chat list: open / delete"),
+        ]
+        return rows
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        if isinstance(screen, ChatScreen):
+            chat = screen
+            export = lambda: chat.run_command("export", "")  # noqa: E731
+            yield SystemCommand("New chat", "Start a new chat (the current one stays saved)", chat.action_new_chat)
+            yield SystemCommand("Regenerate", "Regenerate the last reply", chat.action_regenerate)
+            yield SystemCommand("Undo", "Remove the last message and its reply", chat.undo)
+            yield SystemCommand("Settings", "Sampling parameters and the system prompt", chat.action_settings)
+            yield SystemCommand("Conversations", "Reopen a saved chat", chat.action_conversations)
+            yield SystemCommand("Export as Markdown", "Write the chat to a Markdown file", export)
+            yield SystemCommand("Copy last reply", "Copy the last reply to the clipboard", chat.action_copy_reply)
+            yield SystemCommand("Copy last code block", "Copy it to the clipboard", chat.action_copy_code)
+        yield SystemCommand("Help", "Every key and slash command", self.action_help)
+
+    def on_unmount(self) -> None:
+        self.model_thread.shutdown()
+
+
+def run_tui(
+    source: str,
+    *,
+    step: int | None = None,
+    arch: str | None = None,
+    dtype: str | None = None,
+    quantize: int | None = None,
+    backend: str = "auto",
+    params: SamplingParams,
+    system: str | None = None,
+    debug: bool = False,
+) -> int:
+    """Run the chat app until the user quits; the exit status (0, or 1 when no model could be loaded)."""
+    options = LoadOptions(source, step=step, arch=arch, dtype=dtype, quantize=quantize, backend=backend)
+    app = NanochatApp(options, params, system, debug=debug)
+    try:
+        app.run()
+    except KeyboardInterrupt:
+        return 130
+    if app.load_error and app.model is None:
+        print(f"error: {app.load_error}", file=sys.stderr)
+    return app.return_code or 0

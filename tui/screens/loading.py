@@ -1,0 +1,86 @@
+"""Loading screen: the stages of loading a model, download progress from the Hub, elapsed time."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual import events
+from textual.app import ComposeResult
+from textual.containers import Center, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, Label, ProgressBar, Static
+
+from ..loader import STAGES
+
+_PERCENT = re.compile(r"(\d{1,3})%")
+
+
+class LoadingScreen(Screen):
+    """Shows which stage of the load is running; captured stderr (huggingface_hub's tqdm bars) as progress."""
+
+    @dataclass
+    class Stage(Message):
+        key: str
+
+    def __init__(self, source: str, backend: str) -> None:
+        super().__init__()
+        self.source = source
+        self.backend = backend
+        self.current: str | None = None
+        self.started = time.monotonic()
+
+    def compose(self) -> ComposeResult:
+        with Center(), Vertical(id="loading-card", classes="card"):
+            yield Label("nanochat-mlx", id="loading-title")
+            yield Label(Text(self.source), id="loading-source")
+            yield Static(id="loading-stages")
+            yield ProgressBar(total=None, show_eta=False, id="loading-progress")
+            yield Label("", id="loading-detail")
+            yield Label("", id="loading-elapsed")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self._render_stages()
+        self.set_interval(0.5, self._tick)
+        self.app.begin_capture_print(self, stdout=False, stderr=True)
+
+    def on_unmount(self) -> None:
+        self.app.end_capture_print(self)
+
+    def _tick(self) -> None:
+        self.query_one("#loading-elapsed", Label).update(f"{time.monotonic() - self.started:.0f} s")
+
+    def on_loading_screen_stage(self, message: Stage) -> None:
+        self.current = message.key
+        self._render_stages()
+        self.query_one("#loading-detail", Label).update("")
+        self.query_one("#loading-progress", ProgressBar).update(total=None, progress=0)
+
+    def on_print(self, event: events.Print) -> None:
+        """A line a download progress bar wrote to stderr: show it, and its percentage on the bar."""
+        line = event.text.replace("\r", "\n").strip().splitlines()
+        if not line:
+            return
+        text = line[-1].strip()
+        self.query_one("#loading-detail", Label).update(Text(text[:100]))
+        if m := _PERCENT.search(text):
+            self.query_one("#loading-progress", ProgressBar).update(total=100, progress=min(int(m.group(1)), 100))
+
+    def _render_stages(self) -> None:
+        keys = [k for k, _ in STAGES]
+        now = keys.index(self.current) if self.current in keys else -1
+        out = Text()
+        for i, (key, title) in enumerate(STAGES):
+            if key == "model":
+                title = f"{title} ({self.backend} backend)"
+            if i < now:
+                out.append("  ✓ ", "green bold").append(title + "\n", "dim")
+            elif i == now:
+                out.append("  ▸ ", "bold").append(title + "\n", "bold")
+            else:
+                out.append("  · ", "dim").append(title + "\n", "dim")
+        self.query_one("#loading-stages", Static).update(out)
