@@ -763,6 +763,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=None, help="tokens decoded per run (default 32)")
     p.add_argument("--quick", action="store_true", help="one trial, short prompts, few decoded tokens")
     p.add_argument("--trials", type=int, default=None, help="trials per configuration (default 3)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random geometry weights")
     p.add_argument("--json", type=Path, default=None, help="write rows (and machine facts) as JSON")
     p.add_argument("--markdown", type=Path, default=None, help="write the Markdown tables")
@@ -803,6 +804,10 @@ def _main(args: argparse.Namespace) -> int:
             raise NanochatError(f"unknown --compare {c!r} (choose mlx-lm, reference)")
     if "reference" in compare and importlib.util.find_spec("torch") is None:
         raise NanochatError("--compare reference needs PyTorch")
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     backends: tuple[str, ...] = (args.backend,)
     if args.backend == "all":
         have_torch = importlib.util.find_spec("nanochat_mlx.backends.torch_backend") is not None

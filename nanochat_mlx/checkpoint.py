@@ -62,8 +62,7 @@ def read_checkpoint(source: str, step: int | None = None, arch: str | None = Non
                 f"generation is ambiguous: read as {spec.name}, could also be "
                 f"{' or '.join(detection.ambiguous_with)} (use --arch to choose)"
             )
-    if quantization is None:
-        weights = validate(weights, config, spec, files.origin)
+    weights = validate(weights, config, spec, files.origin)
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(
             f"{files.tokenizer}: tokenizer has {tokenizer.vocab_size} tokens but the model's "

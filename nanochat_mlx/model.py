@@ -16,7 +16,7 @@ import mlx.nn as nn
 from .config import RMS_EPS, ArchSpec, ModelConfig
 from .errors import NanochatError
 from .kvcache import KVCache, SmearMemory, WindowKVCache, causal_mask
-from .rope import rotary_tables
+from .rope import rotary_inv_freq, rotary_tables
 
 
 def rms_norm(x: mx.array) -> mx.array:
@@ -25,7 +25,7 @@ def rms_norm(x: mx.array) -> mx.array:
 
 
 def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate half-split pairs by -theta, as the reference does. x: (B, T, H, D)."""
+    """Rotate half-split pairs by -theta, as the reference does. x: (B, H, T, D)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return mx.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
@@ -56,7 +56,7 @@ class Attention(nn.Module):
         # q and k are each scaled by qk_scale after QK-norm (g8/g9): fold both into SDPA's scale.
         self._scale = spec.qk_scale**2 / math.sqrt(self.head_dim)
 
-    def __call__(self, x, ve, cos, sin, mask, cache) -> mx.array:
+    def __call__(self, x, ve, rotate, mask, cache) -> mx.array:
         B, T, _ = x.shape
         q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
@@ -65,8 +65,8 @@ class Attention(nn.Module):
             gate = self._ve_scale * mx.sigmoid(self.ve_gate(x[..., : self._ve_channels]))
             v = v + gate[..., None] * ve.reshape(B, T, self.n_kv_head, self.head_dim)
         # Rotary first, then QK-norm (the reference's order).
-        q = rms_norm(apply_rotary(q, cos, sin)).transpose(0, 2, 1, 3)
-        k = rms_norm(apply_rotary(k, cos, sin)).transpose(0, 2, 1, 3)
+        q = rms_norm(rotate(q.transpose(0, 2, 1, 3)))
+        k = rms_norm(rotate(k.transpose(0, 2, 1, 3)))
         v = v.transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
@@ -80,8 +80,8 @@ class Block(nn.Module):
         self.attn = Attention(config, spec, has_ve)
         self.mlp = MLP(config.n_embd)
 
-    def __call__(self, x, ve, cos, sin, mask, cache) -> mx.array:
-        x = x + self.attn(rms_norm(x), ve, cos, sin, mask, cache)
+    def __call__(self, x, ve, rotate, mask, cache) -> mx.array:
+        x = x + self.attn(rms_norm(x), ve, rotate, mask, cache)
         return x + self.mlp(rms_norm(x))
 
 
@@ -117,10 +117,13 @@ class GPT(nn.Module):
         if spec.backout:
             self.backout_lambda = mx.zeros((1,))
         self.window_sizes = config.window_sizes(spec)
-        cos, sin = rotary_tables(config.head_dim, config.rope_len, spec.rope_base, spec.rope_table_bf16)
-        # Underscore names keep the tables out of parameters() (they are never saved).
-        self._cos = mx.array(cos).astype(dtype)
-        self._sin = mx.array(sin).astype(dtype)
+        # Underscore names keep these out of parameters() (they are never saved).
+        if spec.rope_table_bf16:  # g1-g6: bf16-rounded tables that no fused kernel reproduces
+            cos, sin = rotary_tables(config.head_dim, config.rope_len, spec.rope_base, bf16=True)
+            self._cos, self._sin = mx.array(cos).astype(dtype), mx.array(sin).astype(dtype)
+            self._rope_periods = None
+        else:  # g7+: mx.fast.rope with the negated wavelengths base^(2j/D) gives the -theta rotation
+            self._rope_periods = -mx.array(1.0 / rotary_inv_freq(config.head_dim, spec.rope_base))
 
     @property
     def layers(self) -> list[Block]:
@@ -140,6 +143,15 @@ class GPT(nn.Module):
         if w is None or T <= w + 1:
             return "causal" if T > 1 else None
         return causal_mask(T, 0, w)
+
+    def _rotation(self, offset: int, T: int):
+        """The rotary embedding for positions offset..offset+T-1, applied to (B, H, T, D)."""
+        if self._rope_periods is not None:
+            periods, D = self._rope_periods, self.config.head_dim
+            return lambda x: mx.fast.rope(x, D, traditional=False, base=None, scale=1.0, offset=offset, freqs=periods)
+        cos = self._cos[offset : offset + T][None, None]
+        sin = self._sin[offset : offset + T][None, None]
+        return lambda x: apply_rotary(x, cos, sin)
 
     def _smear(self, x: mx.array, memory: SmearMemory | None) -> mx.array:
         """Mix each position's normed embedding with its predecessor's (g9)."""
@@ -168,15 +180,14 @@ class GPT(nn.Module):
         if self.spec.smear:
             x = self._smear(x, cache[n_layer] if cache is not None else None)
         x0 = x
-        cos = self._cos[offset : offset + T][None, :, None, :]
-        sin = self._sin[offset : offset + T][None, :, None, :]
+        rotate = self._rotation(offset, T)
         masks = [self._mask(i, T, c) for i, c in enumerate(layer_caches)]
         x_mid = None
         for i, block in enumerate(self.transformer.h):
             if self.spec.lambdas:
                 x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
             ve = self.value_embeds[i](inputs).astype(x.dtype) if self.value_embeds[i] is not None else None
-            x = block(x, ve, cos, sin, masks[i], layer_caches[i])
+            x = block(x, ve, rotate, masks[i], layer_caches[i])
             if self.spec.backout and i == n_layer // 2:
                 x_mid = x
         if x_mid is not None:

@@ -196,14 +196,17 @@ def validate(weights: Weights, config: ModelConfig, spec: ArchSpec, origin: str)
         weights.setdefault("resid_lambdas", np.ones(config.n_layer, np.float32))
         weights.setdefault("x0_lambdas", np.zeros(config.n_layer, np.float32))
     expected = expected_shapes(config, spec)
+    # Quantized layers (a converted folder) store packed weights with .scales/.biases beside them.
+    quantized = {n.removesuffix(".scales") + ".weight" for n in weights if n.endswith(".scales")}
+    packing = {n for q in quantized for n in (q.removesuffix("weight") + "scales", q.removesuffix("weight") + "biases")}
     missing = sorted(set(expected) - set(weights))
-    extra = sorted(set(weights) - set(expected))
+    extra = sorted(set(weights) - set(expected) - packing)
     problems = []
     if missing:
         problems.append(f"missing tensors {_listing(missing)}")
     if extra:
         problems.append(f"unexpected tensors {_listing(extra)}")
-    for name in sorted(set(expected) & set(weights)):
+    for name in sorted((set(expected) & set(weights)) - quantized):
         found = tuple(weights[name].shape)
         if found != expected[name]:
             problems.append(f"{name} has shape {found}, expected {expected[name]}")

@@ -10,6 +10,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..checkpoint import Checkpoint
+from ..errors import NanochatError
 from ..model import GPT
 from ..sampling import SamplingParams
 
@@ -42,6 +43,11 @@ def build_mlx_model(ckpt: Checkpoint, dtype: str | None = None, quantize: int | 
     dtype = dtype or default_dtype()
     mdtype = MLX_DTYPES[dtype]
     model = GPT(ckpt.config, ckpt.spec, dtype=mdtype)
+    stored_bits = (ckpt.quantization or {}).get("bits")
+    if stored_bits and quantize not in (None, stored_bits):
+        raise NanochatError(
+            f"{ckpt.name} is already quantized to {stored_bits} bits; convert the original to change that"
+        )
     if ckpt.quantization:  # a quantized converted folder: build the quantized shapes first
         nn.quantize(
             model,
@@ -61,7 +67,7 @@ def build_mlx_model(ckpt: Checkpoint, dtype: str | None = None, quantize: int | 
             print("note: MLX's quantized kernels are slow on the CPU; quantization pays off on Metal", file=sys.stderr)
         nn.quantize(model, group_size=QUANT_GROUP, bits=quantize, class_predicate=quantizable)
     mx.eval(model.parameters())
-    model.quantization = quantize or (ckpt.quantization or {}).get("bits")
+    model.quantization = stored_bits or quantize
     return model
 
 
