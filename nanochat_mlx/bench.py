@@ -29,6 +29,7 @@ import numpy as np
 from .checkpoint import Checkpoint, read_checkpoint
 from .config import ArchSpec, ModelConfig
 from .errors import NanochatError
+from .loading import build_model
 
 IMPLS = ("nanochat-mlx", "mlx-lm", "reference")
 ROW_KEYS = (
@@ -744,6 +745,42 @@ def plot(rows: list[Row], path: Path) -> bool:
 # --- command line -----------------------------------------------------------------------------------
 
 
+def chat_turn_ttft(
+    ckpt: Checkpoint, backend: str, dtype: str, turns: int = 5, reply_tokens: int = 32, message_words: int = 60
+) -> dict:
+    """Time to first token of the last of ``turns`` chat turns, with and without the prompt cache.
+
+    The warm session keeps its KV cache across turns (only the new message is prefilled); the
+    cold one is handed the same history and prefills all of it, as the reference's chat does.
+    """
+    from .engine import Engine
+    from .sampling import SamplingParams
+    from .session import ChatSession, Turn
+
+    engine = Engine(build_model(ckpt, dtype=dtype, backend=backend), ckpt.tokenizer)
+    params = SamplingParams(temperature=0.0, top_k=None, max_tokens=reply_tokens)
+    words = "the model reads every token of the conversation again unless its cache is kept".split()
+    messages = [" ".join(words[(i + j) % len(words)] for j in range(message_words)) for i in range(turns)]
+    warm = ChatSession(engine, params=params)
+    for message in messages:
+        for _ in warm.stream(message):
+            pass
+    cold = ChatSession(engine, params=params)
+    cold.load_turns([Turn(t.user, t.reply, list(t.reply_tokens)) for t in warm.turns[:-1]])
+    for _ in cold.stream(messages[-1]):
+        pass
+    w, c = warm.last_stats, cold.last_stats
+    return {
+        "backend": engine.runner.name,
+        "dtype": dtype,
+        "turn": turns,
+        "prompt_tokens": w.prompt_tokens,
+        "prefilled_with_cache": w.prefill_tokens,
+        "ttft_with_cache_s": w.ttft_s,
+        "ttft_without_cache_s": c.ttft_s,
+    }
+
+
 def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
@@ -765,6 +802,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=None, help="trials per configuration (default 3)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random geometry weights")
+    p.add_argument(
+        "--chat-turns", type=int, default=5, help="TTFT of this chat turn with/without the prompt cache (0: skip)"
+    )
     p.add_argument("--json", type=Path, default=None, help="write rows (and machine facts) as JSON")
     p.add_argument("--markdown", type=Path, default=None, help="write the Markdown tables")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of tok/s vs context (needs matplotlib)")
@@ -842,6 +882,17 @@ def _main(args: argparse.Namespace) -> int:
         trials=trials,
     )
     table = markdown(rows)
+    turns = []
+    for backend in backends if args.chat_turns > 0 else ():
+        words = 12 if args.quick else 60
+        t = chat_turn_ttft(ckpt, backend, dtypes[0], args.chat_turns, reply_tokens=decode_tokens, message_words=words)
+        turns.append(t)
+        table += (
+            f"\nChat turn {t['turn']} ({t['backend']}, {t['dtype']}, {t['prompt_tokens']} prompt tokens): time to first "
+            f"token {t['ttft_with_cache_s'] * 1000:.0f} ms with the prompt cache ({t['prefilled_with_cache']} tokens "
+            f"prefilled) vs {t['ttft_without_cache_s'] * 1000:.0f} ms without "
+            f"({t['ttft_without_cache_s'] / max(t['ttft_with_cache_s'], 1e-9):.1f}x)\n"
+        )
     print(table)
     if args.markdown:
         args.markdown.write_text(table, encoding="utf-8")
@@ -849,6 +900,7 @@ def _main(args: argparse.Namespace) -> int:
         payload = {
             "machine": machine_facts(rows[0].bandwidth_gbps if rows else None),
             "rows": [asdict(r) for r in rows],
+            "chat_turns": turns,
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     if args.plot:
