@@ -213,14 +213,14 @@ class KVCache:
 
         The caller rebuilds ``smear_prev`` (see ``TorchGPT.trim_cache``).
         """
-        length = self.length - n
-        if n < 0 or length < 0:
+        new = self.length - n
+        if n < 0 or new < 0:
             return False
         for w in self.capacity:
-            # Stored now: positions >= length - w - 1; needed after trimming: positions >= length' - w.
-            if w is not None and max(0, length - w) < max(0, self.length - w - 1):
+            # A ring of w+1 slots holds positions >= length - w - 1; the next query needs those >= new - w.
+            if w is not None and max(0, new - w) < max(0, self.length - w - 1):
                 return False
-        self.length = length
+        self.length = new
         return True
 
     def _arange(self, start: int, end: int) -> torch.Tensor:
@@ -234,7 +234,7 @@ class KVCache:
         return min(limit, -(-size // CACHE_STEP) * CACHE_STEP)
 
     def _resize(self, buffer: torch.Tensor | None, slots: int) -> torch.Tensor:
-        # Zeros, not empty: a slot never written must not feed NaNs into a masked-out score.
+        # Zeros rather than empty: slots not written yet are never attended to, but stay finite anyway.
         grown = torch.zeros(self.shape[0], self.shape[1], slots, self.shape[2], dtype=self.dtype, device=self.device)
         if buffer is not None:
             grown[:, :, : buffer.shape[2]] = buffer
@@ -244,8 +244,23 @@ class KVCache:
 # --- the model ----------------------------------------------------------------------------------
 
 
-class Block(nn.Module):
-    """One transformer layer. ``qkv`` stacks the c_q, c_k, c_v (and value-embedding gate) rows."""
+class Linear(nn.Module):
+    """A bias-free linear layer around given weights (nothing randomly initialized first)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = frozen(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def embedding(weight: torch.Tensor) -> nn.Embedding:
+    return nn.Embedding.from_pretrained(weight, freeze=True)
+
+
+class Attention(nn.Module):
+    """Self-attention. ``c_qkv`` stacks the rows of c_q, c_k, c_v (and of the value-embedding gate)."""
 
     def __init__(
         self, weight: Callable[[str], torch.Tensor], i: int, config: ModelConfig, spec: ArchSpec, has_ve: bool
@@ -254,20 +269,16 @@ class Block(nn.Module):
         self.layer = i
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.groups = config.n_head // config.n_kv_head
-        prefix = f"transformer.h.{i}."
-        rows = [weight(f"{prefix}attn.{name}.weight") for name in ("c_q", "c_k", "c_v")]
-        self.value_embed = None
+        prefix = f"transformer.h.{i}.attn."
+        rows = [weight(f"{prefix}{name}.weight") for name in ("c_q", "c_k", "c_v")]
         if has_ve:
             # The gate reads the first ve_gate_channels of the normed input: zero columns make it
             # a matmul over the whole input, so it rides along with q, k and v.
-            gate = weight(f"{prefix}attn.ve_gate.weight")
+            gate = weight(f"{prefix}ve_gate.weight")
             rows.append(F.pad(gate, (0, config.n_embd - gate.shape[1])))
-            self.value_embed = frozen(weight(f"value_embeds.{i}.weight"))
-            self.ve_scale = spec.ve_gate_scale
-        self.qkv = frozen(torch.cat(rows))
-        self.c_proj = frozen(weight(f"{prefix}attn.c_proj.weight"))
-        self.c_fc = frozen(weight(f"{prefix}mlp.c_fc.weight"))
-        self.mlp_proj = frozen(weight(f"{prefix}mlp.c_proj.weight"))
+        self.ve_scale = spec.ve_gate_scale
+        self.c_qkv = Linear(torch.cat(rows))
+        self.c_proj = Linear(weight(f"{prefix}c_proj.weight"))
         # q and k are each multiplied by qk_scale after QK-norm (g8/g9): fold both into SDPA's scale.
         self.scale = spec.qk_scale**2 / math.sqrt(self.head_dim)
         # Passing enable_gqa only when needed keeps torch < 2.5 working for models without GQA.
@@ -276,30 +287,19 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        ids: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        slots: Slots,
-        cache: KVCache | None,
-    ) -> torch.Tensor:
-        x = x + self.attention(rms_norm(x), ids, rope, slots, cache)
-        return x + F.linear(F.relu(F.linear(rms_norm(x), self.c_fc)).square(), self.mlp_proj)
-
-    def attention(
-        self,
-        x: torch.Tensor,
-        ids: torch.Tensor,
+        ve: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         slots: Slots,
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        out = F.linear(x, self.qkv)
+        out = self.c_qkv(x)
         qk = out[..., : (H + Hkv) * D].view(B, T, H + Hkv, D)
         v = out[..., (H + Hkv) * D : (H + 2 * Hkv) * D].view(B, T, Hkv, D)
-        if self.value_embed is not None:
+        if ve is not None:
             gate = self.ve_scale * torch.sigmoid(out[..., (H + 2 * Hkv) * D :])
-            v = torch.addcmul(v, gate[..., None], F.embedding(ids, self.value_embed).view(B, T, Hkv, D))
+            v = torch.addcmul(v, gate[..., None], ve.view(B, T, Hkv, D))
         # Rotary first, then QK-norm (the reference's order), q and k together. The tables hold
         # [cos, cos] and [sin, -sin], so rotating the halves by -theta is one roll and two products.
         cos, sin = rope
@@ -315,13 +315,45 @@ class Block(nn.Module):
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k, v, attn_mask=slots.mask, is_causal=slots.causal, scale=self.scale, **self.gqa
             ).transpose(1, 2)
-        return F.linear(y.reshape(B, T, H * D), self.c_proj)
+        return self.c_proj(y.reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, weight: Callable[[str], torch.Tensor], i: int) -> None:
+        super().__init__()
+        self.c_fc = Linear(weight(f"transformer.h.{i}.mlp.c_fc.weight"))
+        self.c_proj = Linear(weight(f"transformer.h.{i}.mlp.c_proj.weight"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(
+        self, weight: Callable[[str], torch.Tensor], i: int, config: ModelConfig, spec: ArchSpec, has_ve: bool
+    ) -> None:
+        super().__init__()
+        self.attn = Attention(weight, i, config, spec, has_ve)
+        self.mlp = MLP(weight, i)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ve: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        slots: Slots,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x), ve, rope, slots, cache)
+        return x + self.mlp(rms_norm(x))
 
 
 class TorchGPT(nn.Module):
     """The nanochat GPT of one generation (``spec``) and geometry (``config``), inference only.
 
     ``model(ids, cache=None)`` takes int64 ids (B, T) and returns float32 logits (B, T, vocab_size).
+    Parameters keep the canonical names, except each layer's fused ``attn.c_qkv`` and an
+    ``lm_head`` without the padding rows; the scalar lambdas are plain floats.
     """
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
@@ -332,25 +364,29 @@ class TorchGPT(nn.Module):
         def weight(name: str) -> torch.Tensor:
             return to_torch(ckpt.weights[name], device, dtype)
 
-        ve_layers = set(config.ve_layers(spec))
-        self.wte = frozen(weight("transformer.wte.weight"))
-        self.blocks = nn.ModuleList(Block(weight, i, config, spec, i in ve_layers) for i in range(config.n_layer))
+        ve_layers = config.ve_layers(spec)
+        blocks = [Block(weight, i, config, spec, i in ve_layers) for i in range(config.n_layer)]
+        self.transformer = nn.ModuleDict(
+            {"wte": embedding(weight("transformer.wte.weight")), "h": nn.ModuleList(blocks)}
+        )
         # Rows past vocab_size (g2+ padding) never produce a logit: keep only the real ones.
-        self.lm_head = frozen(weight("lm_head.weight")[: config.vocab_size])
+        self.lm_head = Linear(weight("lm_head.weight")[: config.vocab_size])
+        self.value_embeds = nn.ModuleDict({str(i): embedding(weight(f"value_embeds.{i}.weight")) for i in ve_layers})
+        self.ve_keys = [str(i) if i in ve_layers else None for i in range(config.n_layer)]
         self.window_sizes = config.window_sizes(spec)
 
         def scalars(name: str) -> list[float]:
             # Python floats, rounded to the compute dtype first as the MLX model does.
             return [float(v) for v in weight(name).float().tolist()]
 
-        n = config.n_layer
-        self.resid_lambdas = scalars("resid_lambdas") if spec.lambdas else [1.0] * n
-        self.x0_lambdas = scalars("x0_lambdas") if spec.lambdas else [0.0] * n
+        if spec.lambdas:
+            self.resid_lambdas, self.x0_lambdas = scalars("resid_lambdas"), scalars("x0_lambdas")
         if spec.smear:
-            self.smear_gate = frozen(weight("smear_gate.weight"))
+            self.smear_gate = Linear(weight("smear_gate.weight"))
             self.smear_lambda = scalars("smear_lambda")[0]
-        self.backout_layer = n // 2 if spec.backout else None
-        self.backout_lambda = scalars("backout_lambda")[0] if spec.backout else 0.0
+        self.backout_layer = config.n_layer // 2 if spec.backout else None
+        if spec.backout:
+            self.backout_lambda = scalars("backout_lambda")[0]
         cos, sin = rotary_tables(config.head_dim, config.rope_len, spec.rope_base, spec.rope_table_bf16)
         # [cos, cos] and [sin, -sin]: the rotation of both halves is then x * cos + roll(x) * sin.
         for name, table in (("cos", np.concatenate([cos, cos], 1)), ("sin", np.concatenate([sin, -sin], 1))):
@@ -361,7 +397,7 @@ class TorchGPT(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The normed token embedding (before g9's smear)."""
-        return rms_norm(F.embedding(ids, self.wte))
+        return rms_norm(self.transformer.wte(ids))
 
     @torch.inference_mode()
     def trim_cache(self, cache: KVCache, n: int) -> bool:
@@ -376,6 +412,7 @@ class TorchGPT(nn.Module):
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab_size) for ids (B, T); ``last_only`` keeps just the last position (prefill)."""
+        ids = ids.to(self.device)
         B, T = ids.shape
         offset = cache.length if cache is not None else 0
         if offset + T > self.config.rope_len:
@@ -392,10 +429,12 @@ class TorchGPT(nn.Module):
         rope = self.cos[offset : offset + T, None], self.sin[offset : offset + T, None]  # (T, 1, D) views
         plans = cache.plan(T) if cache is not None else self._plan(T)
         x_mid = None
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.transformer.h):
             if self.spec.lambdas:
                 x = x * self.resid_lambdas[i] + x0 * self.x0_lambdas[i]
-            x = block(x, ids, rope, plans[self.window_sizes[i]], cache)
+            key = self.ve_keys[i]
+            ve = self.value_embeds[key](ids) if key is not None else None
+            x = block(x, ve, rope, plans[self.window_sizes[i]], cache)
             if i == self.backout_layer:
                 x_mid = x
         if cache is not None:
@@ -404,9 +443,11 @@ class TorchGPT(nn.Module):
             x = x - self.backout_lambda * x_mid
         if last_only:
             x = x[:, -1:]
-        logits = F.linear(rms_norm(x), self.lm_head).float()
+        logits = self.lm_head(rms_norm(x)).float()
+        # Softcap in place: the logits are a fresh tensor, and vocabulary-sized temporaries cost
+        # more than the arithmetic (each new one is fresh memory to fault in).
         cap = self.spec.softcap
-        return cap * torch.tanh(logits / cap)
+        return logits.div_(cap).tanh_().mul_(cap)
 
     def _plan(self, T: int) -> dict[int | None, Slots]:
         """Masks of a forward pass without a cache: causal, or causal within the window."""
@@ -421,7 +462,7 @@ class TorchGPT(nn.Module):
 
     def _smear(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """Mix each position's normed embedding with its predecessor's (g9)."""
-        gate = self.smear_lambda * torch.sigmoid(F.linear(x[..., : self.spec.smear_channels], self.smear_gate))
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., : self.spec.smear_channels]))
         prev = cache.smear_prev if cache is not None else None
         if cache is not None:
             cache.smear_prev = x[:, -1:].clone()
@@ -457,21 +498,25 @@ def penalize(logits: torch.Tensor, histories: list[list[int]], penalty: float) -
     return logits
 
 
-def filter_logprobs(logprobs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Top-p, then min-p, then top-k on log-probabilities (the MLX runner's order); dropped = -inf."""
+def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scores to sample from with ``softmax(scores / temperature)`` (dropped tokens: -inf), and their ids.
+
+    Top-p, min-p and top-k each keep a prefix of the tokens ordered by probability, so only the
+    top-k (or, without top-k, all tokens sorted) need ordering; top-p is measured on the full
+    distribution, as the MLX runner does. Without any filter: the logits themselves, ids None.
+    """
+    vocab = logits.shape[-1]
+    top_k = params.top_k if params.top_k and params.top_k < vocab else None
+    if top_k is None and params.top_p >= 1.0 and params.min_p <= 0.0:
+        return logits, None
+    scores, ids = logits.topk(top_k, -1) if top_k else logits.sort(-1, descending=True)
     if params.top_p < 1.0:
-        ordered = logprobs.sort(-1, descending=True).values
-        probs = ordered.exp()
-        before = probs.cumsum(-1) - probs  # the mass of the more likely tokens
-        kept = (before < params.top_p).sum(-1, keepdim=True)  # >= 1: the first token has none before it
-        logprobs = logprobs.masked_fill(logprobs < ordered.gather(-1, kept - 1), -math.inf)
-    if params.min_p > 0.0:
-        floor = logprobs.amax(-1, keepdim=True) + math.log(params.min_p)
-        logprobs = logprobs.masked_fill(logprobs < floor, -math.inf)
-    if params.top_k and params.top_k < logprobs.shape[-1]:
-        kth = logprobs.topk(params.top_k, -1).values[..., -1:]
-        logprobs = logprobs.masked_fill(logprobs < kth, -math.inf)
-    return logprobs
+        probs = (scores - logits.logsumexp(-1, keepdim=True)).exp()
+        # Keep a token while the mass of the more likely ones is below top_p (the first always).
+        scores = scores.masked_fill(probs.cumsum(-1) - probs >= params.top_p, -math.inf)
+    if params.min_p > 0.0:  # p >= min_p * p_max, in logits
+        scores = scores.masked_fill(scores < scores[..., :1] + math.log(params.min_p), -math.inf)
+    return scores, ids
 
 
 # --- the engine's runner ------------------------------------------------------------------------
@@ -519,9 +564,10 @@ class TorchRunner:
                 logits = penalize(logits, histories, penalty)
             if params.greedy:
                 return logits.argmax(-1)  # the first maximum, as the reference
-            logprobs = filter_logprobs(torch.log_softmax(logits, -1), params)
-            probs = torch.softmax(logprobs / params.temperature, -1)
-            return torch.multinomial(probs, 1, generator=generator)[:, 0]
+            scores, ids = candidates(logits, params)
+            probs = torch.softmax(scores / params.temperature, -1)
+            choice = torch.multinomial(probs, 1, generator=generator)
+            return (choice if ids is None else ids.gather(-1, choice))[:, 0]
 
         return sample
 
