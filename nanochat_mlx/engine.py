@@ -207,7 +207,7 @@ class Engine:
                     runner.schedule(ahead)
                 column = ahead
                 yield event
-        except GeneratorExit:
+        except (GeneratorExit, KeyboardInterrupt):  # closed by the consumer, or Ctrl-C mid-step
             stop_reason = "cancelled"
             raise
         finally:
