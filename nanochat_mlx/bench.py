@@ -888,7 +888,8 @@ def _main(args: argparse.Namespace) -> int:
         t = chat_turn_ttft(ckpt, backend, dtypes[0], args.chat_turns, reply_tokens=decode_tokens, message_words=words)
         turns.append(t)
         table += (
-            f"\nChat turn {t['turn']} ({t['backend']}, {t['dtype']}, {t['prompt_tokens']} prompt tokens): time to first "
+            f"\nChat turn {t['turn']} ({t['backend']}, {t['dtype']}, {t['prompt_tokens']} prompt tokens): "
+            f"time to first "
             f"token {t['ttft_with_cache_s'] * 1000:.0f} ms with the prompt cache ({t['prefilled_with_cache']} tokens "
             f"prefilled) vs {t['ttft_without_cache_s'] * 1000:.0f} ms without "
             f"({t['ttft_without_cache_s'] / max(t['ttft_with_cache_s'], 1e-9):.1f}x)\n"

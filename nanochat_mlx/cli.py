@@ -60,7 +60,8 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> dict[str, argparse.ArgumentParser]:
     chat = argparse.ArgumentParser(
         prog="nanochat-mlx",
-        description="Chat with a nanochat model (one-shot with -p, else a REPL). Other commands: tui, info, convert, bench.",
+        description="Chat with a nanochat model (one-shot with -p, else a REPL). "
+        "Other commands: tui, info, convert, bench.",
     )
     chat.add_argument("-p", "--prompt", help="one-shot prompt ('-' reads stdin); prints only the reply")
     chat.add_argument("--stats", action="store_true", help="print speed and memory stats to stderr")
@@ -274,7 +275,8 @@ def _info(args: argparse.Namespace) -> int:
         + (f"  (pattern {c.window_pattern})" if spec.windowed else ""),
         f"value embeds: {c.ve_layers(spec) or 'none'}",
         f"dtypes:       {', '.join(f'{n} {d}' for d, n in sorted(dtypes.items()))} tensors",
-        f"rotary:       base {spec.rope_base:g}, {'bfloat16' if spec.rope_table_bf16 else 'float32'} tables; softcap {spec.softcap:g}",
+        f"rotary:       base {spec.rope_base:g}, {'bfloat16' if spec.rope_table_bf16 else 'float32'} tables; "
+        f"softcap {spec.softcap:g}",
         f"tokenizer:    {ckpt.tokenizer.vocab_size} tokens, bos {ckpt.tokenizer.get_bos_token_id()}",
         f"context:      {c.sequence_len} trained, {c.rope_len} max",
         f"backend:      {pick_backend(args.backend)} ({args.backend})",

@@ -236,7 +236,7 @@ class Engine:
     def _advance(self, rows: list[_Row], ids: list[int], masks: list[int]) -> GenerationEvent:
         """Apply one column of tokens to each row: stop, tool state machine, text."""
         texts, calls = [], []
-        for i, (row, token) in enumerate(zip(rows, ids)):
+        for i, (row, token) in enumerate(zip(rows, ids, strict=True)):
             row.history.append(token)
             if token in self.stop_ids:
                 row.completed = True

@@ -129,7 +129,7 @@ class ChatSession:
         """The session's cache, holding the longest prefix of ``tokens`` it can."""
         runner = self.engine.runner
         common = 0
-        for a, b in zip(self._cached, tokens):
+        for a, b in zip(self._cached, tokens, strict=False):
             if a != b:
                 break
             common += 1

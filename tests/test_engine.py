@@ -91,7 +91,7 @@ def test_num_samples_expand_one_prefill_into_independent_rows(g9):
     model, tok = g9
     params = SamplingParams(temperature=1.0, top_k=None, seed=3, max_tokens=16)
     columns, _, _, stats = run(Engine(model, tok), [tok.get_bos_token_id()], params, num_samples=3)
-    rows = list(zip(*columns))
+    rows = list(zip(*columns, strict=True))
     assert len(rows) == 3 and len(set(rows)) > 1
     assert stats.prefill_tokens == 1
 

@@ -84,9 +84,7 @@ def test_characters_outside_both_sets_are_rejected(expr: str) -> None:
     assert use_calculator(expr) is None
 
 
-@pytest.mark.parametrize(
-    "expr", ['"profile".count("f")', '"direct".count("d")', '"Open".count("O")']
-)
+@pytest.mark.parametrize("expr", ['"profile".count("f")', '"direct".count("d")', '"Open".count("O")'])
 def test_deny_list_applies_even_inside_string_literals(expr: str) -> None:
     assert use_calculator(expr) is None
 
@@ -96,9 +94,7 @@ def test_division_by_zero_is_none(expr: str) -> None:
     assert use_calculator(expr) is None
 
 
-@pytest.mark.parametrize(
-    "expr", ["", "   ", "1+", "(1", "1 2", "01", "1..5", "*2", '"a".count(', "()", "..."]
-)
+@pytest.mark.parametrize("expr", ["", "   ", "1+", "(1", "1 2", "01", "1..5", "*2", '"a".count(', "()", "..."])
 def test_syntax_errors_and_non_numbers_are_none(expr: str) -> None:
     assert use_calculator(expr) is None
 
