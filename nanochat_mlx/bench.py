@@ -489,21 +489,27 @@ def memory_bandwidth_gbps(size_mb: int = 256, repeats: int = 5) -> float:
     return a.nbytes / best / 1e9
 
 
-def quality(ckpt: Checkpoint, dtype: str, bits: int) -> dict[str, float]:
-    """Teacher-forced logits of the quantized vs the unquantized MLX model on English-like text."""
-    import mlx.core as mx
-
-    from .backends.mlx_backend import build_mlx_model
-
+def quality(ckpt: Checkpoint, dtype: str, bits: int, backend: str = "mlx") -> dict[str, float]:
+    """Teacher-forced logits of the quantized vs the unquantized model on English-like text."""
     ids = [ckpt.tokenizer.get_bos_token_id(), *ckpt.tokenizer.encode(QUALITY_TEXT * 2)][:256]
-    x = mx.array([ids])
-    ref = build_mlx_model(ckpt, dtype=dtype)(x)
-    q = build_mlx_model(ckpt, dtype=dtype, quantize=bits)(x)
+
+    def logits(quantize: int | None) -> np.ndarray:
+        model = build_model(ckpt, dtype=dtype, quantize=quantize, backend=backend)
+        if backend == "torch":
+            import torch
+
+            with torch.inference_mode():
+                return model(torch.tensor([ids], device=model.device))[0].cpu().numpy()
+        import mlx.core as mx
+
+        return np.array(model(mx.array([ids]))[0])
+
+    ref, q = logits(None), logits(bits)
     return {
-        "mean_abs_dlogit": float(mx.abs(ref - q).mean()),
-        "max_abs_dlogit": float(mx.abs(ref - q).max()),
-        "mean_abs_logit": float(mx.abs(ref).mean()),
-        "greedy_agreement": float((ref.argmax(-1) == q.argmax(-1)).astype(mx.float32).mean()),
+        "mean_abs_dlogit": float(np.abs(ref - q).mean()),
+        "max_abs_dlogit": float(np.abs(ref - q).max()),
+        "mean_abs_logit": float(np.abs(ref).mean()),
+        "greedy_agreement": float((ref.argmax(-1) == q.argmax(-1)).mean()),
         "positions": len(ids),
     }
 
@@ -577,8 +583,8 @@ def run_benchmark(
     for dtype in dtypes:
         for bits in quantize:
             for backend in backends:
-                if bits is not None and backend != "mlx":
-                    continue
+                if bits == 4 and backend == "torch":
+                    continue  # the torch backend quantizes to 8 bits only
                 log(f"loading nanochat-mlx ({backend}, {dtype}{f', q{bits}' if bits else ''})")
                 contenders.append(ours(ckpt, backend, dtype, bits, source))
             if "mlx-lm" in compare and mlx_lm_ok:
@@ -587,7 +593,7 @@ def run_benchmark(
         if "reference" in compare:
             log(f"loading reference (torch, {dtype})")
             contenders.append(reference_contender(ckpt, dtype))
-    if any(q is not None for q in quantize):
+    if any(q is not None for q in quantize) and "mlx" in backends:
         import mlx.core as mx
 
         if mx.default_device() != mx.gpu:
@@ -605,16 +611,15 @@ def run_benchmark(
                     f"prompt {n:5d}: prefill {result.prefill_tps:8.1f} tok/s, decode {result.decode_tps:6.2f} tok/s"
                 )
     rows = [row for c in contenders for row in _rows(c, geometry, ckpt.spec.name, decode_tokens, bandwidth, trials)]
-    for bits in {q for q in quantize if q is not None}:
-        for dtype in dtypes:
-            q = quality(ckpt, dtype, bits)
-            log(
-                f"quality q{bits} {dtype}: mean |dlogit| {q['mean_abs_dlogit']:.4f} (mean |logit| "
-                f"{q['mean_abs_logit']:.3f}), greedy agreement {q['greedy_agreement'] * 100:.1f}%"
-            )
-            for r in rows:
-                if r.quantize == bits and r.dtype == dtype:
-                    r.quality = q
+    for backend, dtype, bits in sorted({(r.backend, r.dtype, r.quantize) for r in rows if r.quantize}):
+        q = quality(ckpt, dtype, bits, backend)
+        log(
+            f"quality q{bits} {backend} {dtype}: mean |dlogit| {q['mean_abs_dlogit']:.4f} (mean |logit| "
+            f"{q['mean_abs_logit']:.3f}), greedy agreement {q['greedy_agreement'] * 100:.1f}%"
+        )
+        for r in rows:
+            if (r.backend, r.dtype, r.quantize) == (backend, dtype, bits):
+                r.quality = q
     return rows
 
 
@@ -696,16 +701,16 @@ def markdown(rows: list[Row]) -> str:
             "|" + "---|" * 7,
         ]
         out += ratios
-    quality_rows = {(r.dtype, r.quantize): r.quality for r in rows if r.quality}
+    quality_rows = {(r.backend, r.dtype, r.quantize): r.quality for r in rows if r.quality}
     if quality_rows:
         out += [
             "",
-            "| quantization | dtype | mean abs dlogit | mean abs logit | greedy agreement |",
-            "|---|---|---|---|---|",
+            "| quantization | backend | dtype | mean abs dlogit | mean abs logit | greedy agreement |",
+            "|---|---|---|---|---|---|",
         ]
-        for (dtype, bits), q in sorted(quality_rows.items()):
+        for (backend, dtype, bits), q in sorted(quality_rows.items()):
             out.append(
-                f"| {bits}-bit | {dtype} | {q['mean_abs_dlogit']:.4f} | {q['mean_abs_logit']:.3f} "
+                f"| {bits}-bit | {backend} | {dtype} | {q['mean_abs_dlogit']:.4f} | {q['mean_abs_logit']:.3f} "
                 f"| {100 * q['greedy_agreement']:.1f}% |"
             )
     return "\n".join(out) + "\n"

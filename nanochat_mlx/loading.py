@@ -45,11 +45,9 @@ def build_model(ckpt: Checkpoint, dtype: str | None = None, quantize: int | None
 
     name = pick_backend(backend)
     if name == "torch":
-        if quantize is not None:
-            raise NanochatError("--quantize applies to the MLX backend only")
         from .backends.torch_backend import build_torch_model
 
-        return build_torch_model(ckpt, dtype=dtype)
+        return build_torch_model(ckpt, dtype=dtype, quantize=quantize)
     from .backends.mlx_backend import build_mlx_model
 
     return build_mlx_model(ckpt, dtype=dtype, quantize=quantize)

@@ -359,3 +359,45 @@ def test_half_precision_runs_close_to_float32(dtype: str, atol: float) -> None:
 def test_unknown_dtype_is_refused() -> None:
     with pytest.raises(NanochatError, match="unknown dtype"):
         build_torch_model(read_checkpoint(str(variant_dir("g1"))), dtype="int8")
+
+
+# --- weight-only int8 -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide():
+    """Random g9 weights wide enough (n_embd 128) for every linear layer to be quantized."""
+    from nanochat_mlx.synthetic import random_checkpoint
+
+    return random_checkpoint("d2", arch="g9", seed=3)
+
+
+def test_int8_quantizes_the_linear_layers(wide) -> None:
+    from nanochat_mlx.backends.torch_backend import Int8Linear, build_torch_model
+
+    model = build_torch_model(wide, quantize=8)
+    assert model.quantization == 8 and model.dtype == torch.bfloat16
+    assert isinstance(model.lm_head, Int8Linear)
+    assert all(isinstance(b.mlp.c_fc, Int8Linear) and isinstance(b.attn.c_qkv, Int8Linear) for b in model.transformer.h)
+    assert model.smear_gate.weight.dtype == torch.bfloat16  # 24 inputs: too small to gain anything
+
+
+def test_int8_keeps_quality_in_decode_and_prefill(wide) -> None:
+    from nanochat_mlx.backends.torch_backend import build_torch_model
+
+    prompt = torch.tensor([[wide.tokenizer.get_bos_token_id(), *range(100, 160)]])
+    with torch.inference_mode():
+        plain = build_torch_model(wide, dtype="bfloat16")(prompt)[0].float()
+        model = build_torch_model(wide, quantize=8)
+        quant = model(prompt)[0].float()  # 61 rows: the dequantized-GEMM path
+        cache = model.make_cache()
+        model(prompt[:, :-1], cache=cache)
+        step = model(prompt[:, -1:], cache=cache)[0, -1].float()  # one row: the int8 kernel
+    assert (quant - plain).abs().mean() < 0.05 * plain.abs().mean()
+    assert (quant.argmax(-1) == plain.argmax(-1)).float().mean() > 0.9
+    assert (step - quant[-1]).abs().max() < 0.05 * quant[-1].abs().max()
+
+
+def test_torch_backend_refuses_4_bit() -> None:
+    with pytest.raises(NanochatError, match="8 bits"):
+        nc.load(str(variant_dir("g1")), backend="torch", quantize=4)

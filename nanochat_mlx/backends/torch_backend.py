@@ -255,6 +255,39 @@ class Linear(nn.Module):
         return F.linear(x, self.weight)
 
 
+GEMV_ROWS = 16  # up to this many rows (decode, num_samples) Int8Linear runs the int8 kernel
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8: one scale per output row, activations stay in the compute dtype.
+
+    Decoding reads every weight once per token, so a quarter of float32's bytes is up to 4x the
+    memory-bound speed; torch's int8 kernel is fast with bfloat16/float16 activations.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        w = weight.float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.qweight = frozen(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.scales = frozen(scales.to(weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] > GEMV_ROWS:  # prefill: the int8 kernel is built for few rows; a dequantized
+            return F.linear(x, self.qweight.to(x.dtype) * self.scales[:, None])  # GEMM is far faster
+        y = torch._weight_int8pack_mm(rows.contiguous(), self.qweight, self.scales)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def quantize_int8(model: nn.Module, min_inputs: int = 64) -> None:
+    """Swap every Linear with at least ``min_inputs`` inputs for an Int8Linear (tiny gates stay)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Linear) and child.weight.shape[1] >= min_inputs:
+                setattr(module, name, Int8Linear(child.weight))
+
+
 def embedding(weight: torch.Tensor) -> nn.Embedding:
     return nn.Embedding.from_pretrained(weight, freeze=True)
 
@@ -473,15 +506,29 @@ class TorchGPT(nn.Module):
         return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], 1)
 
 
-def build_torch_model(ckpt: Checkpoint, dtype: str | None = None) -> TorchGPT:
-    """The torch model for ``ckpt`` on the best device (CUDA, then MPS, then the CPU)."""
+def build_torch_model(ckpt: Checkpoint, dtype: str | None = None, quantize: int | None = None) -> TorchGPT:
+    """The torch model for ``ckpt`` on the best device (CUDA, then MPS, then the CPU).
+
+    ``quantize=8`` stores the linear layers as weight-only int8 (bfloat16 activations by default).
+    """
     if ckpt.quantization:
         raise NanochatError(f"{ckpt.name}: quantized MLX folders run on the MLX backend only")
+    if quantize not in (None, 8):
+        raise NanochatError("the torch backend quantizes to 8 bits (weight-only int8); 4-bit runs on MLX")
     device = default_device()
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or ("bfloat16" if quantize else default_dtype(device))
     if dtype not in TORCH_DTYPES:
         raise NanochatError(f"unknown dtype {dtype!r} (choose {', '.join(TORCH_DTYPES)})")
-    return TorchGPT(ckpt, device, TORCH_DTYPES[dtype]).eval()
+    model = TorchGPT(ckpt, device, TORCH_DTYPES[dtype]).eval()
+    if quantize:
+        quantize_int8(model)
+        model.quantization = quantize
+        try:  # fail at load, not mid-reply, where this torch/device has no int8 kernel
+            with torch.inference_mode():
+                model(torch.tensor([[0, 1]], device=device))
+        except (RuntimeError, NotImplementedError) as e:
+            raise NanochatError(f"no weight-only int8 kernel on {device} (torch {torch.__version__}): {e}") from e
+    return model
 
 
 # --- sampling -----------------------------------------------------------------------------------
