@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .detokenizer import StreamingDetokenizer
+from .errors import NanochatError
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .tools import use_calculator
@@ -163,10 +164,11 @@ class Engine:
         rows = [_Row(self.tokenizer) for _ in range(num_samples)]
         for row in rows:
             row.history = list(tokens)
-        max_tokens = params.max_tokens
         limit = runner.context_limit - len(tokens)  # positions left for generated tokens
-        if max_tokens is None or max_tokens > limit:
-            max_tokens = max(limit, 0)
+        if limit < 0:
+            raise NanochatError(f"prompt of {len(tokens)} tokens exceeds the model's context of {runner.context_limit}")
+        capped = params.max_tokens is None or params.max_tokens > limit
+        max_tokens = limit if capped else params.max_tokens
 
         column = None
         if max_tokens > 0:
@@ -179,7 +181,7 @@ class Engine:
         pipelined = params.repetition_penalty == 1.0
         generated = 0
         first_at = None
-        stop_reason = "max_tokens"
+        stop_reason = "context" if capped else "max_tokens"
         try:
             while generated < max_tokens:
                 ahead = None
@@ -197,8 +199,6 @@ class Engine:
                 event = self._advance(rows, ids, masks)
                 if all(r.completed for r in rows):
                     stop_reason = "eos"
-                elif generated >= max_tokens and (params.max_tokens is None or generated < params.max_tokens):
-                    stop_reason = "context"
                 if stop_reason == "eos" or generated >= max_tokens:
                     yield event
                     break

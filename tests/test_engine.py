@@ -219,3 +219,9 @@ def test_stats_report_speed_and_memory(g9):
 def test_invalid_sampling_values_are_rejected(bad):
     with pytest.raises(nc.NanochatError):
         SamplingParams(**bad)
+
+
+def test_prompt_longer_than_the_context_is_refused(g9):
+    model, tok = g9
+    with pytest.raises(nc.NanochatError, match="exceeds the model's context"):
+        list(Engine(model, tok).generate([65] * (model.config.rope_len + 1), GREEDY))
