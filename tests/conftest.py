@@ -67,6 +67,19 @@ def expected_npz(name: str, file: str) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def run_generation(engine, prompt: list[int], params, **kw) -> tuple[list, list, str, object]:
+    """Token columns, masks, streamed text and final stats of one ``engine.generate`` call."""
+    columns, masks, text, stats = [], [], "", None
+    for event in engine.generate(prompt, params, **kw):
+        if event.stats is None:
+            columns.append(event.tokens)
+            masks.append(event.masks)
+        else:
+            stats = event.stats
+        text += event.text
+    return columns, masks, text, stats
+
+
 def copy_variant(name: str, dest: Path) -> Path:
     """A writable copy of a variant folder (without ``expected/``) at ``dest``."""
     shutil.copytree(variant_dir(name), dest, ignore=shutil.ignore_patterns("expected"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import expected_json, variant_arch, variant_dir
+from conftest import expected_json, run_generation, variant_arch, variant_dir
 from scripted import ScriptedModel
 
 import nanochat_mlx as nc
@@ -17,16 +17,7 @@ def g9():
     return nc.load(str(variant_dir("g9")), backend="mlx")
 
 
-def run(engine: Engine, prompt: list[int], params: SamplingParams, **kw) -> tuple[list, list, str, nc.GenerationStats]:
-    columns, masks, text, stats = [], [], "", None
-    for event in engine.generate(prompt, params, **kw):
-        if event.stats is None:
-            columns.append(event.tokens)
-            masks.append(event.masks)
-        else:
-            stats = event.stats
-        text += event.text
-    return columns, masks, text, stats
+run = run_generation
 
 
 @pytest.mark.parametrize("variant", ["g1", "g4", "g5", "g7", "g8", "g9"])

@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch backend tests need PyTorch (pip install 'nanochat-mlx[torch]')")
 
-from conftest import ALL_VARIANTS, expected_json, expected_npz, variant_arch, variant_dir  # noqa: E402
+from conftest import ALL_VARIANTS, expected_json, expected_npz, run_generation, variant_arch, variant_dir  # noqa: E402
 
 import nanochat_mlx as nc  # noqa: E402
 from nanochat_mlx import Engine, NanochatError, SamplingParams  # noqa: E402
@@ -80,13 +80,7 @@ def assert_close(found: torch.Tensor, expected: np.ndarray, what: str, atol: flo
 
 def run(engine: Engine, prompt: list[int], params: SamplingParams, **kw) -> tuple[list, list, nc.GenerationStats]:
     """Token columns, masks and stats of one generation."""
-    columns, masks, stats = [], [], None
-    for event in engine.generate(prompt, params, **kw):
-        if event.stats is None:
-            columns.append(event.tokens)
-            masks.append(event.masks)
-        else:
-            stats = event.stats
+    columns, masks, _, stats = run_generation(engine, prompt, params, **kw)
     return columns, masks, stats
 
 
