@@ -89,7 +89,12 @@ class MLXRunner:
         return cache[0].offset
 
     def prefill(self, tokens: list[int], cache: list) -> mx.array:
-        logits = self.model(mx.array([tokens]), cache=cache, last_only=True)[:, -1]
+        if len(tokens) > 1:
+            # Evaluating only the caches lets MLX skip what they don't depend on (the last layer's
+            # MLP, the final norm and head) for all but the last token, as mlx-lm's prefill does.
+            self.model(mx.array([tokens[:-1]]), cache=cache)
+            mx.eval([c.state for c in cache])
+        logits = self.model(mx.array([tokens[-1:]]), cache=cache)[:, -1]
         mx.eval(logits, [c.state for c in cache])
         return logits
 
