@@ -13,7 +13,7 @@ from nanochat_mlx import ChatSession, Engine, SamplingParams, Turn
 GREEDY = SamplingParams(temperature=0.0, top_k=None, max_tokens=12)
 
 
-@pytest.fixture(scope="module", params=["g1", "g9"])
+@pytest.fixture(scope="module", params=["g1", "g4", "g9"])
 def loaded(request):
     return nc.load(str(variant_dir(request.param)), backend="mlx")
 
