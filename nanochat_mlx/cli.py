@@ -251,7 +251,6 @@ def _tui(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .backends import pick_backend
     from .checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(args.source, step=args.step, arch=args.arch)
@@ -279,13 +278,28 @@ def _info(args: argparse.Namespace) -> int:
         f"softcap {spec.softcap:g}",
         f"tokenizer:    {ckpt.tokenizer.vocab_size} tokens, bos {ckpt.tokenizer.get_bos_token_id()}",
         f"context:      {c.sequence_len} trained, {c.rope_len} max",
-        f"backend:      {pick_backend(args.backend)} ({args.backend})",
+        f"backend:      {_backend_and_device(args.backend)}",
     ]
     if ckpt.quantization:
         lines.append(f"quantization: {ckpt.quantization['bits']}-bit, group {ckpt.quantization['group_size']}")
     lines += [f"note:         {n}" for n in ckpt.notes]
     print("\n".join(lines))
     return 0
+
+
+def _backend_and_device(requested: str) -> str:
+    """Which backend ``requested`` resolves to here, on which device with which default dtype."""
+    from .backends import pick_backend
+
+    name = pick_backend(requested)
+    if name == "torch":
+        from .backends.torch_backend import default_device, default_dtype
+
+        device = default_device()
+        return f"torch on {device.type}, {default_dtype(device)} ({requested})"
+    from .backends.mlx_backend import default_dtype, device_name
+
+    return f"mlx on {device_name()}, {default_dtype()} ({requested})"
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -193,3 +193,8 @@ def test_console_script_is_installed():
     assert script.exists()
     r = subprocess.run([str(script), "--help"], capture_output=True, timeout=60)
     assert r.returncode == 0 and b"--source" in r.stdout
+
+
+def test_info_names_the_backend_and_device():
+    out = nanochat("info", str(variant_dir("g1")), "--backend", "mlx").stdout.decode()
+    assert "backend:      mlx on cpu, float32 (mlx)" in out
