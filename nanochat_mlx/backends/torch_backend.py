@@ -252,6 +252,8 @@ class Linear(nn.Module):
         self.weight = frozen(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1]:  # one row (decode): torch's CPU GEMV is ~1.4x faster in bf16
+            return torch.mv(self.weight, x.reshape(-1)).reshape(*x.shape[:-1], -1)
         return F.linear(x, self.weight)
 
 
