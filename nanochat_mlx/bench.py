@@ -583,8 +583,8 @@ def run_benchmark(
     for dtype in dtypes:
         for bits in quantize:
             for backend in backends:
-                if bits == 4 and backend == "torch":
-                    continue  # the torch backend quantizes to 8 bits only
+                if bits and backend == "torch" and (bits == 4 or dtype == "float32"):
+                    continue  # the torch backend quantizes to 8 bits, with 16-bit activations
                 log(f"loading nanochat-mlx ({backend}, {dtype}{f', q{bits}' if bits else ''})")
                 contenders.append(ours(ckpt, backend, dtype, bits, source))
             if "mlx-lm" in compare and mlx_lm_ok:

@@ -395,3 +395,8 @@ def test_int8_keeps_quality_in_decode_and_prefill(wide) -> None:
 def test_torch_backend_refuses_4_bit() -> None:
     with pytest.raises(NanochatError, match="8 bits"):
         nc.load(str(variant_dir("g1")), backend="torch", quantize=4)
+
+
+def test_int8_with_float32_activations_is_refused() -> None:
+    with pytest.raises(NanochatError, match="bfloat16 or float16"):
+        nc.load(str(variant_dir("g1")), backend="torch", quantize=8, dtype="float32")

@@ -521,6 +521,8 @@ def build_torch_model(ckpt: Checkpoint, dtype: str | None = None, quantize: int 
     dtype = dtype or ("bfloat16" if quantize else default_dtype(device))
     if dtype not in TORCH_DTYPES:
         raise NanochatError(f"unknown dtype {dtype!r} (choose {', '.join(TORCH_DTYPES)})")
+    if quantize and dtype == "float32":  # torch's int8 kernel is ~4x slower with float32 activations
+        raise NanochatError("weight-only int8 runs with bfloat16 or float16 activations; drop --dtype float32")
     model = TorchGPT(ckpt, device, TORCH_DTYPES[dtype]).eval()
     if quantize:
         quantize_int8(model)
