@@ -137,13 +137,13 @@ def _config_from_json(
     """config.json of a converted, transformers or mlx-lm folder."""
     ours = cfg.get("nanochat_mlx")
     if ours:
-        config = ModelConfig(**ours["model_config"])
-        spec = get_spec(ours["generation"])
-        return (
-            config,
-            Detection(spec, f"recorded by nanochat-mlx convert ({ours.get('how', '')})".rstrip(" ()")),
-            ours.get("quantization"),
-        )
+        try:
+            config = ModelConfig(**ours["model_config"])
+            spec = get_spec(ours["generation"])
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{files.config}: bad nanochat_mlx section ({e})") from None
+        how = "recorded by nanochat-mlx convert" + (f" (source: {ours['how']})" if ours.get("how") else "")
+        return config, Detection(spec, how), ours.get("quantization")
     try:
         n_head = int(cfg["num_attention_heads"])
         config = ModelConfig(

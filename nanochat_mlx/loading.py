@@ -9,7 +9,6 @@ from .errors import NanochatError
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANT_BITS = (4, 8)
-QUANT_GROUP = 64
 
 
 def load(
