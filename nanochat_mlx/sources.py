@@ -218,8 +218,7 @@ def _resolve_hub(spec: str, step: int | None) -> CheckpointFiles:
 
     repo_id, subdir, revision = parse_hub_spec(spec)
     folder = download(repo_id, subdir=subdir, revision=revision, step=step)
-    files = _resolve_dir(folder, step, origin=f"hf:{spec}")
-    return files
+    return _resolve_dir(folder, step, origin=f"hf:{spec}")
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str, str | None]:
