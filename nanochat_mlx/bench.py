@@ -196,7 +196,7 @@ def mlx_lm_contender(ckpt: Checkpoint, dtype: str, quantize: int | None) -> Cont
     import mlx.nn as nn
     from mlx_lm.models.nanochat import Model, ModelArgs
 
-    from .backends.mlx_backend import MLX_DTYPES, QUANT_GROUP, quantizable, to_mlx
+    from .backends.mlx.model import MLX_DTYPES, QUANT_GROUP, quantizable, to_mlx
 
     generate_step = importlib.import_module("mlx_lm.generate").generate_step
     c = ckpt.config
@@ -855,7 +855,7 @@ def _main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.torch_threads)
     backends: tuple[str, ...] = (args.backend,)
     if args.backend == "all":
-        have_torch = importlib.util.find_spec("nanochat_mlx.backends.torch_backend") is not None
+        have_torch = importlib.util.find_spec("nanochat_mlx.backends.torch.model") is not None
         backends = ("mlx", "torch") if have_torch and importlib.util.find_spec("torch") else ("mlx",)
         if backends == ("mlx",):
             print("note: the torch backend is not available; measuring MLX only", file=sys.stderr)

@@ -293,11 +293,11 @@ def _backend_and_device(requested: str) -> str:
 
     name = pick_backend(requested)
     if name == "torch":
-        from .backends.torch_backend import default_device, default_dtype
+        from .backends.torch.model import default_device, default_dtype
 
         device = default_device()
         return f"torch on {device.type}, {default_dtype(device)} ({requested})"
-    from .backends.mlx_backend import default_dtype, device_name
+    from .backends.mlx.model import default_dtype, device_name
 
     return f"mlx on {device_name()}, {default_dtype()} ({requested})"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import CheckpointError
+from .errors import CheckpointError, NanochatError
 
 # The reference calls F.rms_norm(x, ...) with eps=None, i.e. torch.finfo(float32).eps.
 RMS_EPS = 1.1920928955078125e-07
@@ -141,6 +141,19 @@ class ModelConfig:
     def rope_len(self) -> int:
         """Positions covered by the reference's rotary table: the hard context limit."""
         return 10 * self.sequence_len
+
+    @property
+    def context_limit(self) -> int:
+        """Positions a forward pass may address (the rotary table's length)."""
+        return self.rope_len
+
+    def check_context(self, length: int) -> None:
+        """Refuse a forward pass that would reach past the context limit."""
+        if length > self.context_limit:
+            raise NanochatError(
+                f"context of {length} tokens exceeds the model's limit of {self.context_limit} "
+                f"(10 x sequence_len {self.sequence_len})"
+            )
 
     def window_sizes(self, spec: ArchSpec) -> list[int | None]:
         """Per-layer window w (query i sees keys i-w..i), or None for full causal attention."""

@@ -50,7 +50,7 @@ def convert(
         raise NanochatError(
             f"{ckpt.name}: already quantized to {ckpt.quantization.get('bits')} bits; convert the unquantized source"
         )
-    from .backends.mlx_backend import build_mlx_model
+    from .backends.mlx.model import build_mlx_model
 
     model = build_mlx_model(ckpt, dtype=dtype, quantize=quantize)
     tensors = dict(tree_flatten(model.parameters()))

@@ -116,11 +116,9 @@ class Engine:
     """Generate from a loaded model (MLX or torch) with nanochat's chat semantics."""
 
     def __init__(self, model: Any, tokenizer: Tokenizer, prefill_chunk: int = 512) -> None:
-        from .backends import runner_for
-
         self.model = model
         self.tokenizer = tokenizer
-        self.runner: Runner = runner_for(model)
+        self.runner: Runner = model.make_runner()
         self.prefill_chunk = prefill_chunk
         self.last_stats: GenerationStats | None = None
         special = tokenizer.encode_special

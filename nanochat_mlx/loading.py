@@ -44,9 +44,9 @@ def build_model(ckpt: Checkpoint, dtype: str | None = None, quantize: int | None
 
     name = pick_backend(backend)
     if name == "torch":
-        from .backends.torch_backend import build_torch_model
+        from .backends.torch.model import build_torch_model
 
         return build_torch_model(ckpt, dtype=dtype, quantize=quantize)
-    from .backends.mlx_backend import build_mlx_model
+    from .backends.mlx.model import build_mlx_model
 
     return build_mlx_model(ckpt, dtype=dtype, quantize=quantize)

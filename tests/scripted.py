@@ -16,18 +16,23 @@ from mlx_lm.models.cache import KVCache
 @dataclass
 class _Config:
     vocab_size: int
-    rope_len: int
+    context_limit: int
 
 
 class ScriptedModel(nn.Module):
     """Logits that put all mass on ``script[i]`` for the i-th generated position."""
 
-    def __init__(self, script: list[int], prompt_len: int, vocab_size: int, rope_len: int = 640) -> None:
+    def __init__(self, script: list[int], prompt_len: int, vocab_size: int, context_limit: int = 640) -> None:
         super().__init__()
         self.script, self.prompt_len = script, prompt_len
-        self.config = _Config(vocab_size, rope_len)
+        self.config = _Config(vocab_size, context_limit)
         self.dtype = mx.float32
         self.quantization = None
+
+    def make_runner(self):
+        from nanochat_mlx.backends.mlx.runner import MLXRunner
+
+        return MLXRunner(self)
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache()]

@@ -9,7 +9,7 @@ import pytest
 from conftest import variant_dir
 
 from nanochat_mlx import bench
-from nanochat_mlx.backends.mlx_backend import build_mlx_model
+from nanochat_mlx.backends.mlx.model import build_mlx_model
 from nanochat_mlx.synthetic import geometry_config, random_checkpoint, synthetic_tokenizer
 from nanochat_mlx.weights import expected_shapes
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import variant_dir
 
 import nanochat_mlx as nc
-from nanochat_mlx.backends.mlx_backend import build_mlx_model
+from nanochat_mlx.backends.mlx.model import build_mlx_model
 from nanochat_mlx.checkpoint import read_checkpoint
 from nanochat_mlx.config import ModelConfig
 from nanochat_mlx.convert import convert

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from nanochat_mlx.kvcache import KVCache, SmearMemory, WindowKVCache
+from nanochat_mlx.backends.mlx.cache import KVCache, SmearMemory, WindowKVCache
 
 
 def reference_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int | None) -> np.ndarray:

@@ -17,16 +17,9 @@ from conftest import ALL_VARIANTS, expected_json, expected_npz, run_generation, 
 
 import nanochat_mlx as nc  # noqa: E402
 from nanochat_mlx import Engine, NanochatError, SamplingParams  # noqa: E402
-from nanochat_mlx.backends.torch_backend import (  # noqa: E402
-    TORCH_DTYPES,
-    KVCache,
-    TorchGPT,
-    TorchRunner,
-    build_torch_model,
-    candidates,
-    default_dtype,
-    penalize,
-)
+from nanochat_mlx.backends.torch.cache import KVCache  # noqa: E402
+from nanochat_mlx.backends.torch.model import TORCH_DTYPES, TorchGPT, build_torch_model, default_dtype  # noqa: E402
+from nanochat_mlx.backends.torch.runner import TorchRunner, candidates, penalize  # noqa: E402
 from nanochat_mlx.checkpoint import read_checkpoint  # noqa: E402
 
 ATOL = 1e-4
@@ -367,7 +360,7 @@ def wide():
 
 
 def test_int8_quantizes_the_linear_layers(wide) -> None:
-    from nanochat_mlx.backends.torch_backend import Int8Linear, build_torch_model
+    from nanochat_mlx.backends.torch.model import Int8Linear, build_torch_model
 
     model = build_torch_model(wide, quantize=8)
     assert model.quantization == 8 and model.dtype == torch.bfloat16
@@ -377,7 +370,7 @@ def test_int8_quantizes_the_linear_layers(wide) -> None:
 
 
 def test_int8_keeps_quality_in_decode_and_prefill(wide) -> None:
-    from nanochat_mlx.backends.torch_backend import build_torch_model
+    from nanochat_mlx.backends.torch.model import build_torch_model
 
     prompt = torch.tensor([[wide.tokenizer.get_bos_token_id(), *range(100, 160)]])
     with torch.inference_mode():

@@ -25,14 +25,3 @@ def pick_backend(name: str) -> str:
     if platform.system() == "Darwin" and platform.machine() == "arm64":
         return "mlx"
     return "torch" if torch_available() else "mlx"
-
-
-def runner_for(model) -> object:
-    """The engine's runner for a model built by either backend."""
-    if type(model).__module__.startswith("nanochat_mlx.backends.torch"):
-        from .torch_backend import TorchRunner
-
-        return TorchRunner(model)
-    from .mlx_backend import MLXRunner
-
-    return MLXRunner(model)

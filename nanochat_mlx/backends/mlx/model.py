@@ -8,15 +8,19 @@ generations is read from the ``ArchSpec`` (flags and constants), never from its 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
+import ml_dtypes
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from .config import RMS_EPS, ArchSpec, ModelConfig
-from .errors import NanochatError
-from .kvcache import KVCache, SmearMemory, WindowKVCache, causal_mask
-from .rope import rotary_inv_freq, rotary_tables
+from ...checkpoint import Checkpoint
+from ...config import RMS_EPS, ArchSpec, ModelConfig
+from ...errors import NanochatError
+from ...rope import rotary_inv_freq, rotary_tables
+from .cache import KVCache, SmearMemory, WindowKVCache, causal_mask
 
 
 def rms_norm(x: mx.array) -> mx.array:
@@ -125,6 +129,12 @@ class GPT(nn.Module):
         else:  # g7+: mx.fast.rope with the negated wavelengths base^(2j/D) gives the -theta rotation
             self._rope_periods = -mx.array(1.0 / rotary_inv_freq(config.head_dim, spec.rope_base))
 
+    def make_runner(self):
+        """The engine's runner for this model."""
+        from .runner import MLXRunner
+
+        return MLXRunner(self)
+
     @property
     def layers(self) -> list[Block]:
         return self.transformer.h
@@ -171,11 +181,7 @@ class GPT(nn.Module):
         n_layer = self.config.n_layer
         layer_caches = cache[:n_layer] if cache is not None else [None] * n_layer
         offset = layer_caches[0].offset if cache is not None else 0
-        if offset + T > self.config.rope_len:
-            raise NanochatError(
-                f"context of {offset + T} tokens exceeds the model's limit of {self.config.rope_len} "
-                f"(10 x sequence_len {self.config.sequence_len})"
-            )
+        self.config.check_context(offset + T)
         x = rms_norm(self.transformer.wte(inputs).astype(self.dtype))
         if self.spec.smear:
             x = self._smear(x, cache[n_layer] if cache is not None else None)
@@ -197,3 +203,60 @@ class GPT(nn.Module):
         logits = self.lm_head(rms_norm(x))[..., : self.config.vocab_size].astype(mx.float32)
         cap = self.spec.softcap
         return cap * mx.tanh(logits / cap)
+
+
+MLX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+QUANT_GROUP = 64
+
+
+def default_dtype() -> str:
+    """float32 on the CPU (the parity target), bfloat16 on a GPU."""
+    return "bfloat16" if mx.default_device() == mx.gpu else "float32"
+
+
+def device_name() -> str:
+    return "gpu (Metal)" if mx.default_device() == mx.gpu else "cpu"
+
+
+def to_mlx(array: np.ndarray) -> mx.array:
+    """A numpy tensor (bfloat16 via ml_dtypes included) as an MLX array, bit-exact."""
+    if array.dtype == ml_dtypes.bfloat16:
+        return mx.array(array.view(np.uint16)).view(mx.bfloat16)
+    return mx.array(array)
+
+
+def quantizable(path: str, module: nn.Module) -> bool:
+    """Linear and embedding layers whose rows split into whole quantization groups."""
+    return hasattr(module, "to_quantized") and module.weight.shape[-1] % QUANT_GROUP == 0
+
+
+def build_mlx_model(ckpt: Checkpoint, dtype: str | None = None, quantize: int | None = None) -> GPT:
+    dtype = dtype or default_dtype()
+    mdtype = MLX_DTYPES[dtype]
+    model = GPT(ckpt.config, ckpt.spec, dtype=mdtype)
+    stored_bits = (ckpt.quantization or {}).get("bits")
+    if stored_bits and quantize not in (None, stored_bits):
+        raise NanochatError(
+            f"{ckpt.name} is already quantized to {stored_bits} bits; convert the original to change that"
+        )
+    if ckpt.quantization:  # a quantized converted folder: build the quantized shapes first
+        nn.quantize(
+            model,
+            group_size=ckpt.quantization["group_size"],
+            bits=ckpt.quantization["bits"],
+            class_predicate=quantizable,
+        )
+    weights = []
+    for name, array in ckpt.weights.items():
+        w = to_mlx(array)
+        if mx.issubdtype(w.dtype, mx.floating):
+            w = w.astype(mdtype)
+        weights.append((name, w))
+    model.load_weights(weights, strict=True)
+    if quantize is not None and not ckpt.quantization:
+        if mx.default_device() != mx.gpu:
+            print("note: MLX's quantized kernels are slow on the CPU; quantization pays off on Metal", file=sys.stderr)
+        nn.quantize(model, group_size=QUANT_GROUP, bits=quantize, class_predicate=quantizable)
+    mx.eval(model.parameters())
+    model.quantization = stored_bits or quantize
+    return model

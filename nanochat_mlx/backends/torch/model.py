@@ -1,6 +1,6 @@
-"""The nanochat GPT in PyTorch (CUDA, MPS or CPU) and the engine's runner for it.
+"""The nanochat GPT in PyTorch (CUDA, MPS or CPU).
 
-It computes what ``nanochat_mlx.model`` computes, for every generation, from the same ``Checkpoint``
+It computes what ``backends/mlx/model.py`` computes, for every generation, from the same ``Checkpoint``
 (canonical weights, ``ArchSpec``, ``ModelConfig``). Two layout choices keep decoding lean:
 
 - each layer's q, k, v projections (and its value-embedding gate, zero-padded to the full width)
@@ -13,9 +13,7 @@ It computes what ``nanochat_mlx.model`` computes, for every generation, from the
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
-from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -23,20 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Checkpoint
-from ..config import RMS_EPS, ArchSpec, ModelConfig
-from ..errors import NanochatError
-from ..rope import rotary_tables
-from ..sampling import SamplingParams
-
-try:
-    import resource
-except ImportError:  # Windows: no getrusage
-    resource = None
+from ...checkpoint import Checkpoint
+from ...config import RMS_EPS, ArchSpec, ModelConfig
+from ...errors import NanochatError
+from ...rope import rotary_tables
+from .cache import KVCache, Slots, visible
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CACHE_STEP = 256  # full-attention caches grow by whole steps of this many positions (and by half at least)
-REPETITION_CONTEXT = 20  # tokens the repetition penalty looks back over (mlx-lm's default, as the MLX runner)
 
 
 def default_device() -> torch.device:
@@ -76,169 +67,6 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 def frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
-
-
-# --- KV cache -----------------------------------------------------------------------------------
-
-
-class Slots(NamedTuple):
-    """What the layers of one window size attend to in one forward call, and where they store it.
-
-    Without a cache only ``mask``/``causal`` matter. With one, in the ``stored`` case the new keys
-    go to the slots ``write`` (a slice) and the keys attended to are ``buffer[read]``; otherwise (a
-    windowed layer fed several positions past its ring) they are the first ``old`` stored slots
-    followed by the new keys, and the new positions ``keep`` are then stored at the slot indices
-    ``write`` (a tensor).
-    """
-
-    mask: torch.Tensor | None = None  # bool (T, keys): True = visible
-    causal: bool = False
-    capacity: int = 0  # slots each layer's buffers must have
-    stored: bool = True
-    write: slice | torch.Tensor = slice(None)
-    read: slice = slice(None)
-    old: int = 0
-    keep: slice = slice(None)
-
-
-def visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Bool mask (Tq, Tk) of absolute positions: key j visible to query i iff 0 <= i - j <= w."""
-    distance = queries[:, None] - keys[None, :]
-    return (distance >= 0) & (distance <= window) if window is not None else distance >= 0
-
-
-class KVCache:
-    """Preallocated keys/values per layer, (B, n_kv_head, slots, head_dim), plus g9's smear memory.
-
-    A full-attention layer (window None) stores position p in slot p; its buffers grow by at least
-    ``CACHE_STEP`` slots and by half their size, never per token. A windowed layer stores p in slot
-    p % (w+1), the w+1 keys its queries can see, so it never grows past w+1 slots. All layers hold
-    the same positions ``0..length-1`` for every row.
-    """
-
-    def __init__(self, model: TorchGPT, batch: int = 1) -> None:
-        config = model.config
-        self.limit = config.rope_len
-        self.shape = (batch, config.n_kv_head, config.head_dim)
-        self.dtype, self.device = model.dtype, model.device
-        self.length = 0
-        self.keys: list[torch.Tensor | None] = [None] * config.n_layer
-        self.values: list[torch.Tensor | None] = [None] * config.n_layer
-        self.capacity = dict.fromkeys(model.window_sizes, 0)  # slots per window size (None: full attention)
-        # g9: the previous position's pre-smear embedding (B, 1, n_embd), and every id fed so far,
-        # from which trim() rebuilds that embedding.
-        self.smear = model.spec.smear
-        self.smear_prev: torch.Tensor | None = None
-        self.ids: torch.Tensor | None = None
-
-    @property
-    def batch(self) -> int:
-        return self.shape[0]
-
-    def plan(self, T: int) -> dict[int | None, Slots]:
-        """How each window size's layers store and read ``T`` new positions (shared by those layers)."""
-        start, end = self.length, self.length + T
-        plans = {}
-        for w in self.capacity:
-            limit = self.limit if w is None else w + 1
-            capacity = self._grown(self.capacity[w], min(end, limit), limit)
-            self.capacity[w] = capacity
-            if end <= limit:  # no slot is reused yet: the keys are slots 0..end-1 in order
-                mask = None
-                if T > 1 and start > 0:
-                    mask = visible(self._arange(start, end), self._arange(0, end), None)
-                plans[w] = Slots(mask, T > 1 and not start, capacity, write=slice(start, end), read=slice(0, end))
-            elif T == 1:  # decode on a full ring: overwrite the oldest key, attend to all w+1
-                slot = start % (w + 1)
-                plans[w] = Slots(capacity=capacity, write=slice(slot, slot + 1))
-            else:
-                old = min(start, w + 1)
-                slots = self._arange(0, old)
-                # Slot s holds the latest position p < start with p % (w+1) == s.
-                old_positions = start - 1 - torch.remainder(start - 1 - slots, w + 1)
-                positions = torch.cat([old_positions, self._arange(start, end)])
-                kept = min(T, w + 1)
-                plans[w] = Slots(
-                    visible(self._arange(start, end), positions, w),
-                    capacity=capacity,
-                    stored=False,
-                    write=torch.remainder(self._arange(end - kept, end), w + 1),
-                    old=old,
-                    keep=slice(T - kept, T),
-                )
-        return plans
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: Slots) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store a layer's new keys/values (B, Hkv, T, D); the keys and values to attend to."""
-        kb, vb = self.keys[layer], self.values[layer]
-        if kb is None or kb.shape[2] < slots.capacity:
-            kb, vb = self._resize(kb, slots.capacity), self._resize(vb, slots.capacity)
-            self.keys[layer], self.values[layer] = kb, vb
-        if slots.stored:
-            kb[:, :, slots.write] = k
-            vb[:, :, slots.write] = v
-            return kb[:, :, slots.read], vb[:, :, slots.read]
-        keys = torch.cat([kb[:, :, : slots.old], k], 2) if slots.old else k
-        values = torch.cat([vb[:, :, : slots.old], v], 2) if slots.old else v
-        kb.index_copy_(2, slots.write, k[:, :, slots.keep])
-        vb.index_copy_(2, slots.write, v[:, :, slots.keep])
-        return keys, values
-
-    def advance(self, ids: torch.Tensor) -> None:
-        """Account for the positions of ``ids`` (B, T), stored by every layer."""
-        T = ids.shape[1]
-        if self.smear:
-            if self.ids is None or self.ids.shape[1] < self.length + T:
-                size = self._grown(0 if self.ids is None else self.ids.shape[1], self.length + T, self.limit)
-                grown = torch.zeros(self.batch, size, dtype=ids.dtype, device=self.device)
-                if self.ids is not None:
-                    grown[:, : self.length] = self.ids[:, : self.length]
-                self.ids = grown
-            self.ids[:, self.length : self.length + T] = ids
-        self.length += T
-
-    def expand(self, n: int) -> KVCache:
-        """Copy this one-row cache into ``n`` rows (the smear memory included)."""
-        if self.batch != 1:
-            raise ValueError(f"expand needs a one-row cache, this one has {self.batch} rows")
-        self.keys = [None if t is None else t.repeat(n, 1, 1, 1) for t in self.keys]
-        self.values = [None if t is None else t.repeat(n, 1, 1, 1) for t in self.values]
-        self.smear_prev = None if self.smear_prev is None else self.smear_prev.repeat(n, 1, 1)
-        self.ids = None if self.ids is None else self.ids.repeat(n, 1)
-        self.shape = (n, *self.shape[1:])
-        return self
-
-    def trim(self, n: int) -> bool:
-        """Forget the last ``n`` positions, unless a windowed layer already overwrote keys still needed.
-
-        The caller rebuilds ``smear_prev`` (see ``TorchGPT.trim_cache``).
-        """
-        new = self.length - n
-        if n < 0 or new < 0:
-            return False
-        for w in self.capacity:
-            # A ring of w+1 slots holds positions >= length - w - 1; the next query needs those >= new - w.
-            if w is not None and max(0, new - w) < max(0, self.length - w - 1):
-                return False
-        self.length = new
-        return True
-
-    def _arange(self, start: int, end: int) -> torch.Tensor:
-        return torch.arange(start, end, device=self.device)
-
-    @staticmethod
-    def _grown(capacity: int, need: int, limit: int) -> int:
-        if need <= capacity:
-            return capacity
-        size = max(need, capacity + capacity // 2)
-        return min(limit, -(-size // CACHE_STEP) * CACHE_STEP)
-
-    def _resize(self, buffer: torch.Tensor | None, slots: int) -> torch.Tensor:
-        # Zeros rather than empty: slots not written yet are never attended to, but stay finite anyway.
-        grown = torch.zeros(self.shape[0], self.shape[1], slots, self.shape[2], dtype=self.dtype, device=self.device)
-        if buffer is not None:
-            grown[:, :, : buffer.shape[2]] = buffer
-        return grown
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -427,6 +255,12 @@ class TorchGPT(nn.Module):
         for name, table in (("cos", np.concatenate([cos, cos], 1)), ("sin", np.concatenate([sin, -sin], 1))):
             self.register_buffer(name, torch.from_numpy(table).to(device, dtype), persistent=False)
 
+    def make_runner(self):
+        """The engine's runner for this model."""
+        from .runner import TorchRunner
+
+        return TorchRunner(self)
+
     def make_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self, batch)
 
@@ -450,11 +284,7 @@ class TorchGPT(nn.Module):
         ids = ids.to(self.device)
         B, T = ids.shape
         offset = cache.length if cache is not None else 0
-        if offset + T > self.config.rope_len:
-            raise NanochatError(
-                f"context of {offset + T} tokens exceeds the model's limit of {self.config.rope_len} "
-                f"(10 x sequence_len {self.config.sequence_len})"
-            )
+        self.config.check_context(offset + T)
         if cache is not None and cache.batch != B:
             raise ValueError(f"the cache holds {cache.batch} rows, the input has {B}")
         x = self.embed(ids)
@@ -533,119 +363,3 @@ def build_torch_model(ckpt: Checkpoint, dtype: str | None = None, quantize: int 
         except (RuntimeError, NotImplementedError) as e:
             raise NanochatError(f"no weight-only int8 kernel on {device} (torch {torch.__version__}): {e}") from e
     return model
-
-
-# --- sampling -----------------------------------------------------------------------------------
-
-
-def penalize(logits: torch.Tensor, histories: list[list[int]], penalty: float) -> torch.Tensor:
-    """Divide positive (multiply negative) logits of each row's recent tokens by ``penalty``."""
-    logits = logits.clone()
-    for row, history in enumerate(histories):
-        ids = torch.tensor(sorted(set(history[-REPETITION_CONTEXT:])), dtype=torch.long, device=logits.device)
-        if ids.numel():
-            chosen = logits[row, ids]
-            logits[row, ids] = torch.where(chosen < 0, chosen * penalty, chosen / penalty)
-    return logits
-
-
-def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scores to sample from with ``softmax(scores / temperature)`` (dropped tokens: -inf), and their ids.
-
-    Top-p, min-p and top-k each keep a prefix of the tokens ordered by probability, so only the
-    top-k (or, without top-k, all tokens sorted) need ordering; top-p is measured on the full
-    distribution, as the MLX runner does. Without any filter: the logits themselves, ids None.
-    """
-    vocab = logits.shape[-1]
-    top_k = params.top_k if params.top_k and params.top_k < vocab else None
-    if top_k is None and params.top_p >= 1.0 and params.min_p <= 0.0:
-        return logits, None
-    scores, ids = logits.topk(top_k, -1) if top_k else logits.sort(-1, descending=True)
-    if params.top_p < 1.0:
-        probs = (scores - logits.logsumexp(-1, keepdim=True)).exp()
-        # Keep a token while the mass of the more likely ones is below top_p (the first always).
-        scores = scores.masked_fill(probs.cumsum(-1) - probs >= params.top_p, -math.inf)
-    if params.min_p > 0.0:  # p >= min_p * p_max, in logits
-        scores = scores.masked_fill(scores < scores[..., :1] + math.log(params.min_p), -math.inf)
-    return scores, ids
-
-
-# --- the engine's runner ------------------------------------------------------------------------
-
-
-class TorchRunner:
-    """The engine's view of a torch model: forward passes and sampling stay on the device."""
-
-    name = "torch"
-
-    def __init__(self, model: TorchGPT) -> None:
-        self.model = model
-        self.device = device_name(model.device)
-        self.dtype = {v: k for k, v in TORCH_DTYPES.items()}[model.dtype]
-        self.context_limit = model.config.rope_len
-
-    def make_cache(self) -> KVCache:
-        return self.model.make_cache()
-
-    def cache_length(self, cache: KVCache) -> int:
-        return cache.length
-
-    def prefill(self, tokens: list[int], cache: KVCache) -> torch.Tensor:
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.model.device)
-        return self.model(ids, cache=cache, last_only=True)[:, -1]
-
-    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.model(tokens[:, None], cache=cache)[:, -1]
-
-    @torch.inference_mode()
-    def expand(self, cache: KVCache, logits: torch.Tensor, n: int) -> tuple[KVCache, torch.Tensor]:
-        """Copy a one-row cache (and its logits) into ``n`` rows, as the reference's KVCache.prefill."""
-        return cache.expand(n), logits.repeat(n, 1)
-
-    def sampler(self, params: SamplingParams) -> Callable[[torch.Tensor, list[list[int]] | None], torch.Tensor]:
-        """(logits (B, V), row histories or None) -> ids (B,) on the device."""
-        generator = None
-        if params.seed is not None and not params.greedy:
-            generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        penalty = params.repetition_penalty
-
-        @torch.inference_mode()
-        def sample(logits: torch.Tensor, histories: list[list[int]] | None) -> torch.Tensor:
-            if penalty != 1.0 and histories:
-                logits = penalize(logits, histories, penalty)
-            if params.greedy:
-                return logits.argmax(-1)  # the first maximum, as the reference
-            scores, ids = candidates(logits, params)
-            probs = torch.softmax(scores / params.temperature, -1)
-            choice = torch.multinomial(probs, 1, generator=generator)
-            return (choice if ids is None else ids.gather(-1, choice))[:, 0]
-
-        return sample
-
-    def tokens(self, ids: list[int]) -> torch.Tensor:
-        return torch.tensor(ids, dtype=torch.long, device=self.model.device)
-
-    def schedule(self, ids: torch.Tensor) -> None:
-        """Nothing to do: CUDA already runs queued kernels asynchronously; to_list waits for them."""
-
-    def to_list(self, ids: torch.Tensor) -> list[int]:
-        return ids.tolist()
-
-    def trim(self, cache: KVCache, n: int) -> bool:
-        return self.model.trim_cache(cache, n)
-
-    def reset_peak_memory(self) -> None:
-        if self.model.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.model.device)
-
-    def peak_memory(self) -> int:
-        """Peak CUDA allocation; Metal's current allocation; on the CPU the process's peak RSS."""
-        kind = self.model.device.type
-        if kind == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.model.device))
-        if kind == "mps":
-            return int(torch.mps.driver_allocated_memory())
-        if resource is None:
-            return 0
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS reports bytes, Linux KiB
