@@ -11,6 +11,8 @@ so a windowed layer needs at most w+1 keys; "L" layers use w = sequence_len and 
 
 from __future__ import annotations
 
+import copy
+
 import mlx.core as mx
 
 STEP = 256  # grow buffers in chunks so decode never reallocates per token
@@ -27,7 +29,26 @@ def causal_mask(n: int, offset: int, window: int | None = None) -> mx.array:
     return mask
 
 
-class KVCache:
+class _Arrays:
+    """Copying and sizing shared by the caches: every ``mx.array`` attribute is the cache's data."""
+
+    def clone(self):
+        """An independent copy (a prompt-cache entry handed to a request, or one of n samples' rows).
+
+        MLX arrays are values: assigning into a slice of the copy's buffer never changes the original.
+        """
+        new = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, mx.array):
+                setattr(new, name, mx.array(value))
+        return new
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in vars(self).values() if isinstance(v, mx.array))
+
+
+class KVCache(_Arrays):
     """Every key and value so far, in preallocated buffers grown STEP positions at a time."""
 
     def __init__(self) -> None:
@@ -77,7 +98,7 @@ class KVCache:
         return n
 
 
-class WindowKVCache:
+class WindowKVCache(_Arrays):
     """The last ``window + 1`` keys and values: a ring buffer in decode, temporal order in prefill."""
 
     def __init__(self, window: int) -> None:
@@ -147,7 +168,7 @@ class WindowKVCache:
         return n
 
 
-class SmearMemory:
+class SmearMemory(_Arrays):
     """g9's smear state: the pre-smear normed embedding of the last position seen."""
 
     def __init__(self) -> None:

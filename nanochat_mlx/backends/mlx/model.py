@@ -72,9 +72,16 @@ class Attention(nn.Module):
         q = rms_norm(rotate(q.transpose(0, 2, 1, 3)))
         k = rms_norm(rotate(k.transpose(0, 2, 1, 3)))
         v = v.transpose(0, 2, 1, 3)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self._scale, mask=mask)
+        if isinstance(cache, list):  # rows decoded together: each attends to its own cache
+            ys = []
+            for i, row in enumerate(cache):
+                k_i, v_i = row.update_and_fetch(k[i : i + 1], v[i : i + 1])
+                ys.append(mx.fast.scaled_dot_product_attention(q[i : i + 1], k_i, v_i, scale=self._scale, mask=None))
+            y = mx.concatenate(ys)
+        else:
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self._scale, mask=mask)
         return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
@@ -154,13 +161,19 @@ class GPT(nn.Module):
             return "causal" if T > 1 else None
         return causal_mask(T, 0, w)
 
-    def _rotation(self, offset: int, T: int):
-        """The rotary embedding for positions offset..offset+T-1, applied to (B, H, T, D)."""
+    def _rotation(self, offset: int | mx.array, T: int):
+        """The rotary embedding for positions offset..offset+T-1, applied to (B, H, T, D).
+
+        ``offset`` may also be an array of B positions (one decode step of rows at different positions).
+        """
         if self._rope_periods is not None:
             periods, D = self._rope_periods, self.config.head_dim
             return lambda x: mx.fast.rope(x, D, traditional=False, base=None, scale=1.0, offset=offset, freqs=periods)
-        cos = self._cos[offset : offset + T][None, None]
-        sin = self._sin[offset : offset + T][None, None]
+        if isinstance(offset, mx.array):
+            cos, sin = self._cos[offset][:, None, None], self._sin[offset][:, None, None]
+        else:
+            cos = self._cos[offset : offset + T][None, None]
+            sin = self._sin[offset : offset + T][None, None]
         return lambda x: apply_rotary(x, cos, sin)
 
     def _smear(self, x: mx.array, memory: SmearMemory | None) -> mx.array:
@@ -185,9 +198,36 @@ class GPT(nn.Module):
         x = rms_norm(self.transformer.wte(inputs).astype(self.dtype))
         if self.spec.smear:
             x = self._smear(x, cache[n_layer] if cache is not None else None)
-        x0 = x
-        rotate = self._rotation(offset, T)
         masks = [self._mask(i, T, c) for i, c in enumerate(layer_caches)]
+        return self._trunk(inputs, x, self._rotation(offset, T), masks, layer_caches, last_only)
+
+    def decode_rows(self, inputs: mx.array, rows: list[list[Any]]) -> mx.array:
+        """One decode step of B independent rows: ``inputs`` (B,), ``rows[b]`` row b's one-row cache.
+
+        Each row keeps its own position, sliding windows and smear state; the matrix products run
+        once for the whole batch, attention once per row over that row's own keys. Logits (B, V).
+        """
+        n_layer = self.config.n_layer
+        offsets = [row[0].offset for row in rows]
+        for offset in offsets:
+            self.config.check_context(offset + 1)
+        ids = inputs[:, None]
+        x = rms_norm(self.transformer.wte(ids).astype(self.dtype))
+        if self.spec.smear:  # every decoded row has a predecessor: x + gate * prev, as _smear
+            memories = [row[n_layer] for row in rows]
+            prev = mx.concatenate([m.prev for m in memories])
+            gate = self.smear_lambda.astype(x.dtype) * mx.sigmoid(self.smear_gate(x[..., : self.spec.smear_channels]))
+            for i, memory in enumerate(memories):
+                memory.prev = x[i : i + 1]
+            x = x + gate * prev
+        layer_caches = [[row[i] for row in rows] for i in range(n_layer)]
+        rotate = self._rotation(mx.array(offsets), 1)
+        return self._trunk(ids, x, rotate, [None] * n_layer, layer_caches, False)[:, -1]
+
+    def _trunk(self, inputs, x, rotate, masks, layer_caches, last_only: bool) -> mx.array:
+        """The blocks, backout, final norm, head and softcap on the normed (smeared) embedding ``x``."""
+        n_layer = self.config.n_layer
+        x0 = x
         x_mid = None
         for i, block in enumerate(self.transformer.h):
             if self.spec.lambdas:

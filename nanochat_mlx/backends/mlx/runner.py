@@ -38,6 +38,16 @@ class MLXRunner:
     def decode(self, tokens: mx.array, cache: list) -> mx.array:
         return self.model(tokens[:, None], cache=cache)[:, -1]
 
+    def decode_rows(self, tokens: list[int], caches: list[list]) -> mx.array:
+        """One decode step of independent one-row caches at their own positions: logits (B, V)."""
+        return self.model.decode_rows(mx.array(tokens), caches)
+
+    def clone_cache(self, cache: list) -> list:
+        return [c.clone() for c in cache]
+
+    def cache_bytes(self, cache: list) -> int:
+        return sum(c.nbytes for c in cache)
+
     def expand(self, cache: list, logits: mx.array, n: int) -> tuple[list, mx.array]:
         """Copy a one-row cache (and its logits) into ``n`` rows, as the reference's KVCache.prefill."""
         for c in cache:

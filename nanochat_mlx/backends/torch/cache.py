@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -138,6 +139,21 @@ class KVCache:
         self.ids = None if self.ids is None else self.ids.repeat(n, 1)
         self.shape = (n, *self.shape[1:])
         return self
+
+    def clone(self) -> KVCache:
+        """An independent copy (a prompt-cache entry handed to a request, or one of n samples' rows)."""
+        new = copy.copy(self)
+        new.keys = [None if t is None else t.clone() for t in self.keys]
+        new.values = [None if t is None else t.clone() for t in self.values]
+        new.capacity = dict(self.capacity)
+        new.smear_prev = None if self.smear_prev is None else self.smear_prev.clone()
+        new.ids = None if self.ids is None else self.ids.clone()
+        return new
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.keys, *self.values, self.smear_prev, self.ids]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def trim(self, n: int) -> bool:
         """Forget the last ``n`` positions, unless a windowed layer already overwrote keys still needed.

@@ -130,6 +130,7 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         self.layer = i
+        self.window = config.window_sizes(spec)[i]  # which of a row's plans this layer follows
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.groups = config.n_head // config.n_kv_head
         prefix = f"transformer.h.{i}.attn."
@@ -152,8 +153,8 @@ class Attention(nn.Module):
         x: torch.Tensor,
         ve: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
-        slots: Slots,
-        cache: KVCache | None,
+        slots: Slots | list[dict[int | None, Slots]],  # a list: one plan per row (decode_rows)
+        cache: KVCache | list[KVCache] | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
@@ -168,17 +169,32 @@ class Attention(nn.Module):
         cos, sin = rope
         qk = rms_norm(qk * cos + qk.roll(D // 2, -1) * sin)
         q, k, v = qk[:, :, :H], qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v, slots)
-        if T == 1 and self.groups > 1:
-            # Decode with GQA: the query heads sharing a kv head become that head's query rows,
-            # so the cached keys are read as they are, never repeated.
-            y = F.scaled_dot_product_attention(q.reshape(B, Hkv, self.groups, D), k, v, scale=self.scale)
+        if isinstance(cache, list):  # rows decoded together: each attends to its own cache
+            ys = []
+            for i, (row, row_slots) in enumerate(zip(cache, slots, strict=True)):
+                k_i, v_i = row.update(self.layer, k[i : i + 1], v[i : i + 1], row_slots[self.window])
+                ys.append(self._decode_attention(q[i : i + 1], k_i, v_i))
+            y = torch.cat(ys)
+        elif T == 1:
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v, slots)
+            y = self._decode_attention(q, k, v)
         else:
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v, slots)
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k, v, attn_mask=slots.mask, is_causal=slots.causal, scale=self.scale, **self.gqa
             ).transpose(1, 2)
         return self.c_proj(y.reshape(B, T, H * D))
+
+    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One query position (B, 1, H, D) against cached keys (B, Hkv, S, D), every key visible."""
+        B, _, H, D = q.shape
+        if self.groups > 1:
+            # The query heads sharing a kv head become that head's query rows, so the cached keys
+            # are read as they are, never repeated.
+            return F.scaled_dot_product_attention(q.reshape(B, self.n_kv_head, self.groups, D), k, v, scale=self.scale)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=self.scale, **self.gqa).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -204,8 +220,8 @@ class Block(nn.Module):
         x: torch.Tensor,
         ve: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
-        slots: Slots,
-        cache: KVCache | None,
+        slots: Slots | list[dict[int | None, Slots]],  # a list: one plan per row (decode_rows)
+        cache: KVCache | list[KVCache] | None,
     ) -> torch.Tensor:
         x = x + self.attn(rms_norm(x), ve, rope, slots, cache)
         return x + self.mlp(rms_norm(x))
@@ -290,20 +306,52 @@ class TorchGPT(nn.Module):
         x = self.embed(ids)
         if self.spec.smear:
             x = self._smear(x, cache)
-        x0 = x
         rope = self.cos[offset : offset + T, None], self.sin[offset : offset + T, None]  # (T, 1, D) views
         plans = cache.plan(T) if cache is not None else self._plan(T)
+        layer_plans = [plans[w] for w in self.window_sizes]
+        logits = self._trunk(ids, x, rope, layer_plans, cache, last_only)
+        if cache is not None:
+            cache.advance(ids)
+        return logits
+
+    @torch.inference_mode()
+    def decode_rows(self, ids: torch.Tensor, rows: list[KVCache]) -> torch.Tensor:
+        """One decode step of B independent rows: ``ids`` (B,), ``rows[b]`` row b's one-row cache.
+
+        Each row keeps its own position, sliding windows and smear state; the matrix products run
+        once for the whole batch, attention once per row over that row's own keys. Logits (B, V).
+        """
+        ids = ids.to(self.device)[:, None]
+        positions = [row.length for row in rows]
+        for p in positions:
+            self.config.check_context(p + 1)
+        x = self.embed(ids)
+        if self.spec.smear:  # every decoded row has a predecessor: x + gate * prev, as _smear
+            gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., : self.spec.smear_channels]))
+            prev = torch.cat([row.smear_prev for row in rows])
+            for i, row in enumerate(rows):
+                row.smear_prev = x[i : i + 1].clone()
+            x = x + gate * prev
+        index = torch.tensor(positions, device=self.device)
+        rope = self.cos[index][:, None, None], self.sin[index][:, None, None]  # (B, 1, 1, D)
+        plans = [row.plan(1) for row in rows]
+        logits = self._trunk(ids, x, rope, [plans] * len(self.window_sizes), rows, False)
+        for i, row in enumerate(rows):
+            row.advance(ids[i : i + 1])
+        return logits[:, -1]
+
+    def _trunk(self, ids, x, rope, layer_plans, cache, last_only: bool) -> torch.Tensor:
+        """The blocks, backout, final norm, head and softcap on the normed (smeared) embedding ``x``."""
+        x0 = x
         x_mid = None
         for i, block in enumerate(self.transformer.h):
             if self.spec.lambdas:
                 x = x * self.resid_lambdas[i] + x0 * self.x0_lambdas[i]
             key = self.ve_keys[i]
             ve = self.value_embeds[key](ids) if key is not None else None
-            x = block(x, ve, rope, plans[self.window_sizes[i]], cache)
+            x = block(x, ve, rope, layer_plans[i], cache)
             if i == self.backout_layer:
                 x_mid = x
-        if cache is not None:
-            cache.advance(ids)
         if x_mid is not None:
             x = x - self.backout_lambda * x_mid
         if last_only:

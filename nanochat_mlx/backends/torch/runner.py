@@ -82,6 +82,17 @@ class TorchRunner:
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         return self.model(tokens[:, None], cache=cache)[:, -1]
 
+    def decode_rows(self, tokens: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """One decode step of independent one-row caches at their own positions: logits (B, V)."""
+        return self.model.decode_rows(self.tokens(tokens), caches)
+
+    @torch.inference_mode()
+    def clone_cache(self, cache: KVCache) -> KVCache:
+        return cache.clone()
+
+    def cache_bytes(self, cache: KVCache) -> int:
+        return cache.nbytes
+
     @torch.inference_mode()
     def expand(self, cache: KVCache, logits: torch.Tensor, n: int) -> tuple[KVCache, torch.Tensor]:
         """Copy a one-row cache (and its logits) into ``n`` rows, as the reference's KVCache.prefill."""
