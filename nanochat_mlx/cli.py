@@ -16,7 +16,7 @@ from .errors import NanochatError
 from .sampling import SamplingParams
 from .sources import DEFAULT_SOURCE
 
-COMMANDS = ("chat", "tui", "info", "convert", "bench")
+COMMANDS = ("chat", "tui", "info", "convert", "bench", "serve")
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -61,7 +61,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     chat = argparse.ArgumentParser(
         prog="nanochat-mlx",
         description="Chat with a nanochat model (one-shot with -p, else a REPL). "
-        "Other commands: tui, info, convert, bench.",
+        "Other commands: tui, info, convert, bench, serve.",
     )
     chat.add_argument("-p", "--prompt", help="one-shot prompt ('-' reads stdin); prints only the reply")
     chat.add_argument("--stats", action="store_true", help="print speed and memory stats to stderr")
@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return _guarded(lambda: bench_main(argv), debug="--debug" in argv)
+    if command == "serve":
+        from .serve import main as serve_main
+
+        return _guarded(lambda: serve_main(argv), debug="--debug" in argv)
     args = build_parser()[command].parse_args(argv)
     run: Callable[[], int] = {"chat": _chat, "tui": _tui, "info": _info, "convert": _convert}[command].__get__(args)  # type: ignore[attr-defined]
     return _guarded(run, debug=args.debug)

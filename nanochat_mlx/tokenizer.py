@@ -223,14 +223,14 @@ class Tokenizer:
             add(sp["<|assistant_end|>"], 1)
         return ids[:max_tokens], mask[:max_tokens]
 
-    def render_for_completion(self, conversation: dict) -> list[int]:
+    def render_for_completion(self, conversation: dict, max_tokens: int = 2048) -> list[int]:
         """Prompt ids that prime the assistant's reply to a conversation ending in an assistant turn."""
         conversation = copy.deepcopy(conversation)
         messages = conversation["messages"]
         if not messages or messages[-1]["role"] != "assistant":
             raise ValueError("the last message must be the assistant's (it is replaced by the reply)")
         messages.pop()
-        ids, _ = self.render_conversation(conversation)
+        ids, _ = self.render_conversation(conversation, max_tokens=max_tokens)
         return ids + [self.encode_special("<|assistant_start|>")]
 
     # --- helpers ---------------------------------------------------------------------------

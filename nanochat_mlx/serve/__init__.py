@@ -1,0 +1,79 @@
+"""``nanochat-mlx serve``: an OpenAI-compatible HTTP server with continuous batching and a web chat page.
+
+The server binds and answers /health (503) at once; the model loads on the scheduler's model
+thread, which then runs every forward pass (see ``scheduler``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import NanochatError
+from .protocol import Limits
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..cli import _model_options
+
+    p = argparse.ArgumentParser(
+        prog="nanochat-mlx serve",
+        description="Serve a model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models) "
+        "with a web chat page at /",
+    )
+    _model_options(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: none, any accepted)")
+    g.add_argument(
+        "--allowed-origins", nargs="*", default=[], metavar="ORIGIN", help="origins allowed by CORS ('*' for any)"
+    )
+    g.add_argument("--max-concurrency", type=int, default=8, help="rows decoded together in one batch (default 8)")
+    g.add_argument("--queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
+    g.add_argument("--prompt-cache-mb", type=int, default=1024, help="KV prefixes kept across requests (default 1024)")
+    limits = p.add_argument_group("limits (nanochat's chat server defaults)")
+    defaults = Limits()
+    limits.add_argument("--max-messages", type=int, default=defaults.max_messages)
+    limits.add_argument("--max-message-chars", type=int, default=defaults.max_message_chars)
+    limits.add_argument("--max-total-chars", type=int, default=defaults.max_total_chars)
+    limits.add_argument("--max-completion-tokens", type=int, default=defaults.max_tokens)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_concurrency < 1 or args.queue < 0:
+        raise NanochatError("--max-concurrency must be at least 1 and --queue at least 0")
+    import uvicorn
+
+    from .app import ServerConfig, build_app
+    from .scheduler import Scheduler
+
+    def load():
+        from ..engine import Engine
+        from ..loading import load as load_model
+
+        model, tokenizer = load_model(
+            args.source, step=args.step, arch=args.arch, dtype=args.dtype, quantize=args.quantize, backend=args.backend
+        )
+        return Engine(model, tokenizer)
+
+    scheduler = Scheduler(load, max_rows=args.max_concurrency, max_queue=args.queue,
+                          cache_bytes=args.prompt_cache_mb << 20)  # fmt: skip
+    limits = Limits(
+        max_messages=args.max_messages,
+        max_message_chars=args.max_message_chars,
+        max_total_chars=args.max_total_chars,
+        max_tokens=args.max_completion_tokens,
+    )
+    config = ServerConfig(args.source, args.api_key, tuple(args.allowed_origins), limits)
+    app = build_app(scheduler, config)
+    scheduler.start()
+    print(f"nanochat-mlx serve: http://{args.host}:{args.port} (loading {args.source})", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    try:
+        server.run()
+    finally:
+        scheduler.stop()
+    return 0

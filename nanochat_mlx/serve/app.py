@@ -1,0 +1,304 @@
+"""The HTTP side: OpenAI-compatible routes on Starlette, the web chat page, auth and CORS.
+
+Routes only parse, check and shape; generation happens on the scheduler's model thread, whose
+events reach a request through an asyncio queue. A streaming client that disconnects cancels its
+job, which leaves the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .protocol import ApiError, Generation, Limits, chat_messages, completion_prompt, generation
+from .scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler, Started
+
+WEB = Path(__file__).resolve().parent / "web"
+
+
+@dataclass
+class ServerConfig:
+    model_id: str
+    api_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    limits: Limits = Limits()
+
+
+class Reply:
+    """What the scheduler sent back for one job, gathered as it streams."""
+
+    def __init__(self, n: int) -> None:
+        self.texts = [""] * n
+        self.tools: list[list[dict]] = [[] for _ in range(n)]
+        self.finish: list[str | None] = [None] * n
+        self.completion_tokens = 0
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+
+    def usage(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
+    limits = config.limits
+
+    def engine_or_503():
+        if not scheduler.ready.is_set():
+            raise ApiError(503, "the model is still loading", "service_unavailable", code="model_loading")
+        if scheduler.error:
+            raise ApiError(503, f"the model failed to load: {scheduler.error}", "service_unavailable")
+        return scheduler.engine
+
+    def authorize(request: Request) -> None:
+        if config.api_key is None:
+            return  # a Bearer token is accepted and ignored
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), config.api_key):
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", "authentication_error",
+                           code="invalid_api_key")  # fmt: skip
+
+    async def read_json(request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", code="too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_body_bytes:
+                raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", code="too_large")
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return data
+
+    def check_model(body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model != config.model_id:
+            raise ApiError(404, f"the model {model!r} does not exist; this server runs {config.model_id!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+
+    def check_context(tokens: list[int], gen: Generation, engine) -> None:
+        limit = engine.context_limit
+        if len(tokens) >= limit:
+            raise ApiError(400, f"the prompt is {len(tokens)} tokens; the model's context is {limit}",
+                           param="messages", code="context_length_exceeded")  # fmt: skip
+
+    async def submit(tokens: list[int], gen: Generation) -> tuple[Job, asyncio.Queue]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        job = Job(tokens, gen.params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), gen.n, gen.stops)
+        try:
+            scheduler.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, str(e), "rate_limit_error", code="queue_full") from None
+        return job, queue
+
+    async def events(job: Job, queue: asyncio.Queue, reply: Reply, request: Request) -> AsyncIterator:
+        """The job's events until it is over; the job is cancelled if the consumer stops early."""
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if event is None:
+                    return
+                if isinstance(event, Failed):
+                    raise ApiError(500, f"generation failed: {event.message}", "server_error")
+                if isinstance(event, Started):
+                    reply.prompt_tokens, reply.cached_tokens = event.prompt_tokens, event.cached_tokens
+                elif isinstance(event, Delta):
+                    reply.texts[event.index] += event.text
+                    if event.tool:
+                        reply.tools[event.index].append(event.tool)
+                elif isinstance(event, Finished):
+                    reply.finish[event.index] = event.reason
+                    reply.completion_tokens += event.completion_tokens
+                yield event
+        finally:
+            job.cancel()  # a no-op once every row has finished
+
+    # --- routes -------------------------------------------------------------------------------
+    async def health(request: Request) -> Response:
+        try:
+            engine_or_503()
+        except ApiError as e:
+            return JSONResponse({"status": "loading" if e.code == "model_loading" else "error", **e.body()}, 503)
+        return JSONResponse({"status": "ok", "model": config.model_id, **scheduler.load_stats()})
+
+    async def models(request: Request) -> Response:
+        authorize(request)
+        engine_or_503()
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    def model_card() -> dict:
+        return {"id": config.model_id, "object": "model", "created": started, "owned_by": "nanochat-mlx"}
+
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        engine = engine_or_503()
+        body = await read_json(request)
+        check_model(body)
+        messages = chat_messages(body, limits)
+        gen = generation(body, limits, scheduler.max_rows)
+        tokens = chat_tokens(engine.tokenizer, messages, engine.context_limit)
+        check_context(tokens, gen, engine)
+        job, queue = await submit(tokens, gen)
+        reply = Reply(gen.n)
+        meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": config.model_id}
+        if gen.stream:
+            return sse(chat_chunks(events(job, queue, reply, request), reply, gen, meta))
+        async for _ in events(job, queue, reply, request):
+            pass
+        choices = []
+        for i in range(gen.n):
+            message = {"role": "assistant", "content": reply.texts[i]}
+            if reply.tools[i]:
+                message["nanochat_tool_calls"] = reply.tools[i]
+            choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reply.finish[i]})
+        return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": reply.usage()})
+
+    async def chat_chunks(stream: AsyncIterator, reply: Reply, gen: Generation, meta: dict) -> AsyncIterator[dict]:
+        def chunk(index: int, delta: dict, finish: str | None = None) -> dict:
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**meta, "object": "chat.completion.chunk", "choices": [choice]} | usage_null
+
+        usage_null = {"usage": None} if gen.include_usage else {}
+        for i in range(gen.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for event in stream:
+            if isinstance(event, Delta):
+                delta = {"content": event.text}
+                if event.tool:
+                    delta["nanochat_tool_call"] = event.tool
+                yield chunk(event.index, delta)
+            elif isinstance(event, Finished):
+                yield chunk(event.index, {}, event.reason)
+        if gen.include_usage:
+            yield {**meta, "object": "chat.completion.chunk", "choices": [], "usage": reply.usage()}
+
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        engine = engine_or_503()
+        body = await read_json(request)
+        check_model(body)
+        prompt = completion_prompt(body, limits)
+        if field_set(body, "echo") or field_set(body, "suffix") or (body.get("best_of") or 1) != 1:
+            raise ApiError(400, "'echo', 'suffix' and 'best_of' are not supported")
+        gen = generation(body, limits, scheduler.max_rows)
+        tok = engine.tokenizer
+        if isinstance(prompt, str):
+            tokens = [tok.get_bos_token_id(), *tok.encode(prompt)]
+        else:
+            if not all(0 <= t < tok.vocab_size for t in prompt):
+                raise ApiError(400, f"token ids must be in 0..{tok.vocab_size - 1}", param="prompt")
+            tokens = list(prompt)
+        check_context(tokens, gen, engine)
+        job, queue = await submit(tokens, gen)
+        reply = Reply(gen.n)
+        meta = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": config.model_id}
+        if gen.stream:
+            return sse(completion_chunks(events(job, queue, reply, request), reply, gen, meta))
+        async for _ in events(job, queue, reply, request):
+            pass
+        choices = [
+            {"index": i, "text": reply.texts[i], "logprobs": None, "finish_reason": reply.finish[i]}
+            for i in range(gen.n)
+        ]
+        return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": reply.usage()})
+
+    async def completion_chunks(stream, reply: Reply, gen: Generation, meta: dict) -> AsyncIterator[dict]:
+        usage_null = {"usage": None} if gen.include_usage else {}
+        async for event in stream:
+            if isinstance(event, Delta | Finished):
+                text = event.text if isinstance(event, Delta) else ""
+                finish = event.reason if isinstance(event, Finished) else None
+                choice = {"index": event.index, "text": text, "logprobs": None, "finish_reason": finish}
+                yield {**meta, "object": "text_completion", "choices": [choice]} | usage_null
+        if gen.include_usage:
+            yield {**meta, "object": "text_completion", "choices": [], "usage": reply.usage()}
+
+    async def index(request: Request) -> Response:
+        return FileResponse(WEB / "index.html")
+
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return JSONResponse(exc.body(), exc.status)
+
+    async def not_found(request: Request, exc) -> Response:
+        status = getattr(exc, "status_code", 404)
+        detail = getattr(exc, "detail", "not found")
+        return JSONResponse(ApiError(status, f"{request.method} {request.url.path}: {detail}").body(), status)
+
+    started = int(time.time())
+    middleware = []
+    if config.allowed_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(config.allowed_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
+        )
+    routes = [
+        Route("/", index),
+        Route("/health", health),
+        Route("/v1/models", models),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=WEB), name="static"),
+    ]
+    handlers = {ApiError: api_error, 404: not_found, 405: not_found}
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
+
+
+def field_set(body: dict, name: str) -> bool:
+    return body.get(name) not in (None, False, "")
+
+
+def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events as OpenAI sends them: ``data: {json}`` lines, then ``data: [DONE]``."""
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except ApiError as e:  # after the headers went out: the error travels as an event
+            yield f"data: {json.dumps(e.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
+
+
+def chat_tokens(tokenizer, messages: list[dict], context_limit: int) -> list[int]:
+    """The reference's chat rendering of ``messages`` primed for the assistant's reply."""
+    try:
+        return tokenizer.render_for_completion(
+            {"messages": [*messages, {"role": "assistant", "content": ""}]}, max_tokens=context_limit + 1
+        )
+    except ValueError as e:
+        raise ApiError(400, str(e), param="messages") from None

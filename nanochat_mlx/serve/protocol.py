@@ -1,0 +1,191 @@
+"""OpenAI's request fields and errors: parse and check a request body into what the scheduler runs.
+
+Every check gives OpenAI's error JSON with the right status: wrong types and out-of-range values
+400, oversized conversations 413. The limits default to those of nanochat's own chat server
+(scripts/chat_web.py): at most 500 messages, 8000 characters a message, 32000 in all,
+temperature 0-2, top-k 0-200, 1-4096 new tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import NanochatError
+from ..sampling import SamplingParams
+
+# The reference chat server's sampling defaults.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 50
+DEFAULT_MAX_TOKENS = 512
+MAX_STOPS = 4  # as OpenAI
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {...}}`` with HTTP ``status``."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_messages: int = 500
+    max_message_chars: int = 8000
+    max_total_chars: int = 32000
+    max_tokens: int = 4096
+    max_temperature: float = 2.0
+    max_top_k: int = 200
+    max_body_bytes: int = 4 << 20
+
+
+@dataclass
+class Generation:
+    """What a request asks the scheduler for (tokens are filled in by the route)."""
+
+    params: SamplingParams
+    n: int
+    stops: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+_MISSING = object()
+
+
+def field(body: dict, name: str, kinds: tuple[type, ...], what: str, default: Any = None) -> Any:
+    """``body[name]`` if it has one of ``kinds`` (null counts as absent), else a 400 naming the field."""
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    # bool is an int in Python, never in JSON's sense.
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise ApiError(400, f"'{name}' must be {what}, got {type(value).__name__}: {value!r}"[:300], param=name)
+    return value
+
+
+def ranged(body: dict, name: str, kinds, lo, hi, default, what: str):
+    value = field(body, name, kinds, what, default)
+    if value is not None and not lo <= value <= hi:
+        raise ApiError(400, f"'{name}' must be between {lo} and {hi}, got {value}", param=name)
+    return value
+
+
+def generation(body: dict, limits: Limits, max_rows: int) -> Generation:
+    """The sampling options, n, stop strings and streaming flags of a (chat) completion request."""
+    number = (int, float)
+    temperature = ranged(body, "temperature", number, 0.0, limits.max_temperature, DEFAULT_TEMPERATURE, "a number")
+    top_p = ranged(body, "top_p", number, 0.0, 1.0, 1.0, "a number")
+    if top_p == 0:
+        raise ApiError(400, "'top_p' must be greater than 0", param="top_p")
+    top_k = ranged(body, "top_k", (int,), 0, limits.max_top_k, DEFAULT_TOP_K, "an integer")
+    min_p = ranged(body, "min_p", number, 0.0, 0.999999, 0.0, "a number")
+    penalty = ranged(body, "repetition_penalty", number, 0.01, 10.0, 1.0, "a number")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if field(body, name, number, "a number", 0) != 0:
+            raise ApiError(
+                400,
+                f"'{name}' is not supported (nanochat's engine has a multiplicative 'repetition_penalty', "
+                "as mlx-lm and llama.cpp call it; use that)",
+                param=name,
+            )
+    if field(body, "logprobs", (bool, int), "a boolean"):
+        raise ApiError(400, "'logprobs' is not supported", param="logprobs")
+    if field(body, "tools", (list,), "a list"):
+        raise ApiError(400, "'tools' is not supported: the model's calculator tool runs on the server", param="tools")
+    max_tokens = ranged(body, "max_completion_tokens", (int,), 1, limits.max_tokens, None, "an integer")
+    if max_tokens is None:
+        max_tokens = ranged(body, "max_tokens", (int,), 1, limits.max_tokens, DEFAULT_MAX_TOKENS, "an integer")
+    n = ranged(body, "n", (int,), 1, max_rows, 1, "an integer")
+    seed = field(body, "seed", (int,), "an integer")
+    stop = field(body, "stop", (str, list), "a string or a list of strings", [])
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, f"'stop' must be up to {MAX_STOPS} non-empty strings", param="stop")
+    stream = field(body, "stream", (bool,), "a boolean", False)
+    options = field(body, "stream_options", (dict,), "an object", {})
+    include_usage = field(options, "include_usage", (bool,), "a boolean", False)
+    try:
+        params = SamplingParams(
+            temperature=float(temperature),
+            top_k=top_k or None,
+            top_p=float(top_p),
+            min_p=float(min_p),
+            repetition_penalty=float(penalty),
+            # Without a seed, every request draws anew (OpenAI's behaviour); with one, it repeats.
+            seed=seed if seed is not None else random.randrange(2**63),
+            max_tokens=max_tokens,
+        )
+    except NanochatError as e:
+        raise ApiError(400, str(e)) from None
+    return Generation(params, n, tuple(stops), stream, include_usage)
+
+
+def chat_messages(body: dict, limits: Limits) -> list[dict]:
+    """The conversation as the tokenizer renders it: system (and developer) messages merged into
+    the first user message, as the reference does; assistant replies as text."""
+    messages = field(body, "messages", (list,), "a list of messages")
+    if not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    if len(messages) > limits.max_messages:
+        raise ApiError(413, f"too many messages: at most {limits.max_messages}", param="messages", code="too_large")
+    out, system, total = [], [], 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
+        role = field(message, "role", (str,), "a string")
+        text = message_text(message.get("content"), f"messages[{i}].content")
+        if len(text) > limits.max_message_chars:
+            raise ApiError(
+                413, f"messages[{i}] is too long: at most {limits.max_message_chars} characters", code="too_large"
+            )
+        total += len(text)
+        if role in ("system", "developer"):
+            if out:
+                raise ApiError(400, f"messages[{i}]: a system message must come before the conversation")
+            system.append(text)
+        elif role in ("user", "assistant"):
+            out.append({"role": role, "content": text})
+        else:
+            raise ApiError(400, f"messages[{i}].role must be system, user or assistant, got {role!r}")
+    if total > limits.max_total_chars:
+        raise ApiError(413, f"the conversation is too long: at most {limits.max_total_chars} characters", code="too_large")
+    if system:
+        out.insert(0, {"role": "system", "content": "\n\n".join(system)})
+    roles = [m["role"] for m in out if m["role"] != "system"]
+    if not roles or roles[-1] != "user":
+        raise ApiError(400, "the last message must be the user's", param="messages")
+    if any(r == roles[i - 1] for i, r in enumerate(roles) if i):
+        raise ApiError(400, "user and assistant messages must alternate", param="messages")
+    return out
+
+
+def message_text(content: Any, name: str) -> str:
+    """A message's content: a string, or OpenAI's list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{name}: only text parts are supported", param=name)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"{name} must be a string or a list of text parts", param=name)
+
+
+def completion_prompt(body: dict, limits: Limits) -> str | list[int]:
+    """/v1/completions' prompt: one string, or one list of token ids used exactly as given."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        if len(prompt) > limits.max_total_chars:
+            raise ApiError(413, f"the prompt is too long: at most {limits.max_total_chars} characters", code="too_large")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    raise ApiError(400, "'prompt' must be a string or a non-empty list of token ids (one prompt)", param="prompt")

@@ -1,0 +1,314 @@
+"""Continuous batching: one model thread decodes every running request together, one token a step.
+
+MLX arrays belong to the thread that made them, so the model is loaded, prefilled and decoded on
+this one thread; the web server's event loop only submits jobs and receives their events. A job
+(one request, ``n`` choices) waits in a bounded FIFO queue, is prefilled in chunks between decode
+steps (so a long prompt never stalls the running rows for long), then joins the batch as ``n``
+rows; each row leaves the batch the step it stops, and the next waiting job takes its place.
+Each row keeps its own one-row cache, so rows of different lengths, sliding windows and smear
+states decode in one step (``runner.decode_rows``) exactly as they would alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine import Engine, _Row
+from ..errors import NanochatError
+from ..sampling import SamplingParams
+from .prompt_cache import PromptCache
+
+PREFILL_CHUNK = 256  # prompt tokens run between two decode steps
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound: the request is refused (HTTP 429)."""
+
+
+@dataclass
+class Delta:
+    index: int  # the choice
+    text: str
+    tool: dict | None = None  # a calculator call: {"expression": ..., "output": ...}
+
+
+@dataclass
+class Finished:
+    index: int
+    reason: str  # "stop" or "length"
+    completion_tokens: int
+
+
+@dataclass
+class Started:
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = Delta | Finished | Started | Failed
+
+
+@dataclass
+class Job:
+    """One request: ``n`` choices of a reply to ``tokens``; events go to ``sink`` (any thread)."""
+
+    tokens: list[int]
+    params: SamplingParams
+    sink: Callable[[Event | None], None]  # None: the job is over
+    n: int = 1
+    stops: tuple[str, ...] = ()
+    cancelled: bool = False
+    # Set on the model thread.
+    cache: Any = None
+    cached: int = 0
+    prefilled: int = 0
+    sampler: Any = None
+    rows_left: int = 0
+
+    def cancel(self) -> None:
+        """Stop this job's rows at the next step (a client that went away)."""
+        self.cancelled = True
+
+
+class StopText:
+    """Holds back text that may begin a stop string, so a stop split across tokens is never emitted."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """The text that is safe to emit now, and whether a stop string was reached."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out) :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass
+class _BatchRow:
+    job: Job
+    index: int
+    cache: Any
+    state: _Row
+    stop: StopText
+    max_tokens: int
+    fed: list[int]  # the tokens the cache holds, in order
+    generated: int = 0
+    next_token: int = -1
+    forced_mask: list[int] = field(default_factory=list)
+
+
+class Scheduler:
+    """The model thread: admission, chunked prefill, batched decode, prompt-cache bookkeeping."""
+
+    def __init__(
+        self,
+        load: Callable[[], Engine],
+        max_rows: int = 8,
+        max_queue: int = 64,
+        cache_bytes: int = 1 << 30,
+    ) -> None:
+        self._load = load
+        self.max_rows = max_rows
+        self.max_queue = max_queue
+        self.cache_bytes = cache_bytes
+        self.engine: Engine | None = None
+        self.error: str | None = None
+        self.ready = threading.Event()
+        self._waiting: deque[Job] = deque()
+        self._prefilling: Job | None = None
+        self._rows: list[_BatchRow] = []
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="nanochat-model", daemon=True)
+        self.prompt_cache: PromptCache | None = None
+
+    # --- called from any thread ---------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join(timeout=10)
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            self._waiting = deque(j for j in self._waiting if not j.cancelled)
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            self._waiting.append(job)
+            self._lock.notify()
+
+    def load_stats(self) -> dict:
+        """What /health reports: rows decoding, jobs waiting, prompt-cache use."""
+        with self._lock:
+            return {
+                "running": len(self._rows),
+                "waiting": len(self._waiting) + (self._prefilling is not None),
+                "prompt_cache_entries": len(self.prompt_cache) if self.prompt_cache else 0,
+                "prompt_cache_bytes": self.prompt_cache.bytes if self.prompt_cache else 0,
+            }
+
+    # --- the model thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.engine = self._load()
+        except NanochatError as e:
+            self.error = str(e)
+            self.ready.set()
+            return
+        except Exception as e:  # noqa: BLE001 - reported by /health and the server's log
+            self.error = f"{type(e).__name__}: {e}"
+            self.ready.set()
+            return
+        self.prompt_cache = PromptCache(self.engine.runner, self.cache_bytes)
+        self.ready.set()
+        while True:
+            with self._lock:
+                while not self._stopping and not self._rows and not self._waiting and self._prefilling is None:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                if self._prefilling is None and self._waiting:
+                    head = self._waiting[0]
+                    if head.cancelled or len(self._rows) + head.n <= self.max_rows:
+                        self._prefilling = self._waiting.popleft()
+            try:
+                if self._prefilling is not None:
+                    self._prefill_step(self._prefilling)
+                if self._rows:
+                    self._decode_step()
+            except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def _prefill_step(self, job: Job) -> None:
+        """One chunk of the prefilling job's prompt; when it is done, its rows join the batch."""
+        engine = self.engine
+        runner = engine.runner
+        if job.cancelled:
+            self._prefilling = None
+            job.sink(None)
+            return
+        if job.cache is None:
+            job.cache, job.cached = self.prompt_cache.fetch(job.tokens)
+            job.prefilled = job.cached
+            job.sink(Started(len(job.tokens), job.cached))
+        end = min(len(job.tokens), job.prefilled + PREFILL_CHUNK)
+        logits = runner.prefill(job.tokens[job.prefilled : end], job.cache)
+        job.prefilled = end
+        if end < len(job.tokens):
+            return
+        with self._lock:
+            self._prefilling = None
+        max_tokens = min(job.params.max_tokens or engine.context_limit, engine.context_limit - len(job.tokens))
+        caches = [job.cache] + [runner.clone_cache(job.cache) for _ in range(job.n - 1)]
+        rows = []
+        for i, cache in enumerate(caches):
+            state = _Row(engine.tokenizer)
+            state.history = list(job.tokens)
+            rows.append(_BatchRow(job, i, cache, state, StopText(job.stops), max_tokens, list(job.tokens)))
+        job.sampler = runner.sampler(job.params)
+        job.rows_left = job.n
+        # Each choice samples its first token from the one prefill's logits (a fresh draw each).
+        ids = [runner.to_list(job.sampler(logits, [r.state.history]))[0] for r in rows]
+        with self._lock:
+            self._rows.extend(rows)
+        for row, token in zip(rows, ids, strict=True):
+            self._advance(row, token, 1)
+
+    def _decode_step(self) -> None:
+        """Feed every row its last token in one batched step, sample each job's rows, advance them."""
+        runner = self.engine.runner
+        for row in [r for r in self._rows if r.job.cancelled]:
+            self._finish(row, None)
+        rows = list(self._rows)
+        if not rows:
+            return
+        logits = runner.decode_rows([r.next_token for r in rows], [r.cache for r in rows])
+        for r in rows:
+            r.fed.append(r.next_token)
+        # A job's rows are contiguous (they join together and leave in place): sample them together.
+        start = 0
+        while start < len(rows):
+            job = rows[start].job
+            end = start
+            while end < len(rows) and rows[end].job is job:
+                end += 1
+            group = rows[start:end]
+            ids = runner.to_list(job.sampler(logits[start:end], [r.state.history for r in group]))
+            for row, token in zip(group, ids, strict=True):
+                if row.state.forced:  # the calculator's output replaces the sampled token
+                    self._advance(row, row.state.forced.popleft(), 0)
+                else:
+                    self._advance(row, token, 1)
+            start = end
+
+    def _advance(self, row: _BatchRow, token: int, mask: int) -> None:
+        """Apply one token to a row: tool state machine, text, stop strings, limits."""
+        event = self.engine._advance([row.state], [token], [mask])
+        row.generated += 1
+        text, stopped = row.stop.feed(event.texts[0])
+        tool = None
+        for call in event.tool_calls:
+            tool = {"expression": call.expression, "output": call.result}
+        if text or tool:
+            row.job.sink(Delta(row.index, text, tool))
+        if row.state.completed or stopped:
+            self._finish(row, "stop")
+        elif row.generated >= row.max_tokens:
+            self._finish(row, "length")
+        else:
+            row.next_token = token
+
+    def _finish(self, row: _BatchRow, reason: str | None) -> None:
+        """Take a row out of the batch; its cache goes to the prompt cache. ``reason`` None: cancelled."""
+        with self._lock:
+            self._rows.remove(row)
+        job = row.job
+        if reason is not None:
+            tail, _ = row.stop.feed(row.state.detok.flush())
+            if reason == "length":
+                tail += row.stop.flush()
+            if tail:
+                job.sink(Delta(row.index, tail))
+            job.sink(Finished(row.index, reason, row.generated))
+        length = self.engine.runner.cache_length(row.cache)
+        self.prompt_cache.store(row.fed[:length], row.cache)
+        job.rows_left -= 1
+        if job.rows_left == 0:
+            job.sink(None)
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            rows, self._rows = self._rows, []
+            job, self._prefilling = self._prefilling, None
+        jobs = {id(r.job): r.job for r in rows}
+        if job is not None:
+            jobs[id(job)] = job
+        for j in jobs.values():
+            j.sink(Failed(message))
+            j.sink(None)
+
