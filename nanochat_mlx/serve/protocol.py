@@ -154,7 +154,8 @@ def chat_messages(body: dict, limits: Limits) -> list[dict]:
         else:
             raise ApiError(400, f"messages[{i}].role must be system, user or assistant, got {role!r}")
     if total > limits.max_total_chars:
-        raise ApiError(413, f"the conversation is too long: at most {limits.max_total_chars} characters", code="too_large")
+        too_long = f"the conversation is too long: at most {limits.max_total_chars} characters"
+        raise ApiError(413, too_long, code="too_large")
     if system:
         out.insert(0, {"role": "system", "content": "\n\n".join(system)})
     roles = [m["role"] for m in out if m["role"] != "system"]
@@ -184,7 +185,8 @@ def completion_prompt(body: dict, limits: Limits) -> str | list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         if len(prompt) > limits.max_total_chars:
-            raise ApiError(413, f"the prompt is too long: at most {limits.max_total_chars} characters", code="too_large")
+            too_long = f"the prompt is too long: at most {limits.max_total_chars} characters"
+            raise ApiError(413, too_long, code="too_large")
         return prompt
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt

@@ -311,4 +311,3 @@ class Scheduler:
         for j in jobs.values():
             j.sink(Failed(message))
             j.sink(None)
-
