@@ -42,6 +42,7 @@ class Reply:
 
     def __init__(self, n: int) -> None:
         self.texts = [""] * n
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.tools: list[list[dict]] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
         self.completion_tokens = 0
@@ -132,6 +133,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
                     reply.prompt_tokens, reply.cached_tokens = event.prompt_tokens, event.cached_tokens
                 elif isinstance(event, Delta):
                     reply.texts[event.index] += event.text
+                    reply.tokens[event.index] += event.tokens
                     if event.tool:
                         reply.tools[event.index].append(event.tool)
                 elif isinstance(event, Finished):
@@ -178,7 +180,8 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
             message = {"role": "assistant", "content": reply.texts[i]}
             if reply.tools[i]:
                 message["nanochat_tool_calls"] = reply.tools[i]
-            choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reply.finish[i]})
+            choice = {"index": i, "message": message, "logprobs": None, "finish_reason": reply.finish[i]}
+            choices.append(choice | token_ids(body, reply, i))
         return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": reply.usage()})
 
     async def chat_chunks(stream: AsyncIterator, reply: Reply, gen: Generation, meta: dict) -> AsyncIterator[dict]:
@@ -190,7 +193,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         for i in range(gen.n):
             yield chunk(i, {"role": "assistant", "content": ""})
         async for event in stream:
-            if isinstance(event, Delta):
+            if isinstance(event, Delta) and (event.text or event.tool):
                 delta = {"content": event.text}
                 if event.tool:
                     delta["nanochat_tool_call"] = event.tool
@@ -226,6 +229,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
             pass
         choices = [
             {"index": i, "text": reply.texts[i], "logprobs": None, "finish_reason": reply.finish[i]}
+            | token_ids(body, reply, i)
             for i in range(gen.n)
         ]
         return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": reply.usage()})
@@ -233,7 +237,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
     async def completion_chunks(stream, reply: Reply, gen: Generation, meta: dict) -> AsyncIterator[dict]:
         usage_null = {"usage": None} if gen.include_usage else {}
         async for event in stream:
-            if isinstance(event, Delta | Finished):
+            if isinstance(event, Finished) or isinstance(event, Delta) and event.text:
                 text = event.text if isinstance(event, Delta) else ""
                 finish = event.reason if isinstance(event, Finished) else None
                 choice = {"index": event.index, "text": text, "logprobs": None, "finish_reason": finish}
@@ -273,6 +277,11 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
     ]
     handlers = {ApiError: api_error, 404: not_found, 405: not_found}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
+
+
+def token_ids(body: dict, reply: Reply, index: int) -> dict:
+    """vLLM's ``return_token_ids`` extension: the choice's generated token ids."""
+    return {"token_ids": reply.tokens[index]} if body.get("return_token_ids") is True else {}
 
 
 def field_set(body: dict, name: str) -> bool:

@@ -33,6 +33,7 @@ class QueueFull(Exception):
 class Delta:
     index: int  # the choice
     text: str
+    tokens: list[int]  # the tokens this text came from (forced tool outputs included)
     tool: dict | None = None  # a calculator call: {"expression": ..., "output": ...}
 
 
@@ -141,6 +142,8 @@ class Scheduler:
         self._rows: list[_BatchRow] = []
         self._lock = threading.Condition()
         self._stopping = False
+        self.peak_rows = 0  # the most rows one decode step has run
+        self.cancelled_rows = 0  # rows stopped because their client went away
         self._thread = threading.Thread(target=self._run, name="nanochat-model", daemon=True)
         self.prompt_cache: PromptCache | None = None
 
@@ -167,6 +170,8 @@ class Scheduler:
         with self._lock:
             return {
                 "running": len(self._rows),
+                "peak_running": self.peak_rows,
+                "cancelled": self.cancelled_rows,
                 "waiting": len(self._waiting) + (self._prefilling is not None),
                 "prompt_cache_entries": len(self.prompt_cache) if self.prompt_cache else 0,
                 "prompt_cache_bytes": self.prompt_cache.bytes if self.prompt_cache else 0,
@@ -247,6 +252,7 @@ class Scheduler:
         rows = list(self._rows)
         if not rows:
             return
+        self.peak_rows = max(self.peak_rows, len(rows))
         logits = runner.decode_rows([r.next_token for r in rows], [r.cache for r in rows])
         for r in rows:
             r.fed.append(r.next_token)
@@ -274,8 +280,7 @@ class Scheduler:
         tool = None
         for call in event.tool_calls:
             tool = {"expression": call.expression, "output": call.result}
-        if text or tool:
-            row.job.sink(Delta(row.index, text, tool))
+        row.job.sink(Delta(row.index, text, [token], tool))
         if row.state.completed or stopped:
             self._finish(row, "stop")
         elif row.generated >= row.max_tokens:
@@ -293,8 +298,10 @@ class Scheduler:
             if reason == "length":
                 tail += row.stop.flush()
             if tail:
-                job.sink(Delta(row.index, tail))
+                job.sink(Delta(row.index, tail, []))
             job.sink(Finished(row.index, reason, row.generated))
+        else:
+            self.cancelled_rows += 1
         length = self.engine.runner.cache_length(row.cache)
         self.prompt_cache.store(row.fed[:length], row.cache)
         job.rows_left -= 1
