@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache
+
+from nanochat_mlx.backends.mlx.cache import KVCache
 
 
 @dataclass
@@ -36,6 +37,10 @@ class ScriptedModel(nn.Module):
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache()]
+
+    def decode_rows(self, inputs: mx.array, rows: list) -> mx.array:
+        """The batched decode step of the server's scheduler: each row continues its own script."""
+        return mx.concatenate([self(inputs[i : i + 1, None], cache=row)[:, -1] for i, row in enumerate(rows)])
 
     def __call__(self, inputs: mx.array, cache=None, last_only: bool = False) -> mx.array:
         B, T = inputs.shape

@@ -1,0 +1,101 @@
+"""The server's scheduler and prompt cache, in process: tool calls, stop strings, prefix reuse.
+
+The scheduler runs its real model thread over a real engine; the tool-call tests replace only the
+network by the scripted model (as the engine's tests do) so that a calculator call can be staged.
+"""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+from conftest import variant_dir
+from scripted import ScriptedModel
+
+import nanochat_mlx as nc
+from nanochat_mlx import Engine, SamplingParams
+from nanochat_mlx.serve.prompt_cache import PromptCache
+from nanochat_mlx.serve.scheduler import Delta, Finished, Job, Scheduler, Started, StopText
+
+GREEDY = SamplingParams(temperature=0.0, top_k=None, max_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def g1():
+    return nc.load(str(variant_dir("g1")), backend="mlx")
+
+
+def run_job(engine: Engine, tokens: list[int], params=GREEDY, **kw) -> list:
+    """Every event of one job through a fresh scheduler."""
+    events: queue.Queue = queue.Queue()
+    scheduler = Scheduler(lambda: engine)
+    scheduler.start()
+    try:
+        scheduler.submit(Job(tokens, params, events.put, **kw))
+        out = []
+        while (event := events.get(timeout=60)) is not None:
+            out.append(event)
+        return out
+    finally:
+        scheduler.stop()
+
+
+def test_a_calculator_call_streams_the_cli_text_and_the_call(g1):
+    _, tok = g1
+    sp = tok.encode_special
+    prompt = [tok.get_bos_token_id()]
+    script = [sp("<|python_start|>"), *tok.encode("1+2"), sp("<|python_end|>")] + [65] * 5 + [sp("<|assistant_end|>")]
+    engine = Engine(ScriptedModel(script, len(prompt), tok.vocab_size), tok)
+    events = run_job(engine, prompt)
+    cli_text = "".join(e.text for e in engine.generate(prompt, GREEDY))
+    deltas = [e for e in events if isinstance(e, Delta)]
+    assert "".join(d.text for d in deltas) == cli_text
+    assert [d.tool for d in deltas if d.tool] == [{"expression": "1+2", "output": "3"}]
+    # The forced tool output replaces sampled tokens: the reply is as long as the script.
+    assert isinstance(events[0], Started) and events[-1] == Finished(0, "stop", len(script))
+
+
+def test_stop_strings_are_held_back_across_pieces():
+    stop = StopText(("END",))
+    assert stop.feed("abcE") == ("abc", False)
+    assert stop.feed("N") == ("", False)
+    assert stop.feed("Dxyz") == ("", True)
+    held = StopText(("END",))
+    assert held.feed("aE") == ("a", False)
+    assert held.feed("x") == ("Ex", False)
+
+
+def test_prompt_cache_gives_the_longest_cached_prefix_and_trims_it(g1):
+    model, _ = g1
+    runner = model.make_runner()
+    cache = PromptCache(runner, max_bytes=1 << 30)
+    first = list(range(1, 40))
+    kv = runner.make_cache()
+    runner.prefill(first, kv)
+    cache.store(first, kv)
+    hit, n = cache.fetch(first[:30] + [99, 98])  # a shared prefix of 30 tokens
+    assert n == 30 and runner.cache_length(hit) == 30
+    whole, n = cache.fetch(first + [5])
+    assert n == len(first)
+    same, n = cache.fetch(first)  # the whole prompt cached: one token is left to run
+    assert n == len(first) - 1
+    assert cache.fetch([7, 8, 9])[1] == 0
+
+
+def test_prompt_cache_evicts_the_least_recently_used_beyond_its_bytes(g1):
+    model, _ = g1
+    runner = model.make_runner()
+    caches = []
+    for start in (1, 100, 200):
+        kv = runner.make_cache()
+        runner.prefill(list(range(start, start + 20)), kv)
+        caches.append(kv)
+    size = runner.cache_bytes(caches[0])
+    cache = PromptCache(runner, max_bytes=2 * size)
+    cache.store(list(range(1, 21)), caches[0])
+    cache.store(list(range(100, 120)), caches[1])
+    cache.fetch(list(range(1, 25)))  # touch the first: the second is now the oldest
+    cache.store(list(range(200, 220)), caches[2])
+    assert len(cache) == 2 and cache.bytes <= 2 * size
+    assert cache.fetch(list(range(100, 125)))[1] == 0
+    assert cache.fetch(list(range(1, 25)))[1] == 20
