@@ -71,10 +71,10 @@ def run_generation(engine, prompt: list[int], params, **kw) -> tuple[list, list,
     """Token columns, masks, streamed text and final stats of one ``engine.generate`` call."""
     columns, masks, text, stats = [], [], "", None
     for event in engine.generate(prompt, params, **kw):
-        if event.stats is None:
+        if event.tokens:
             columns.append(event.tokens)
             masks.append(event.masks)
-        else:
+        if event.final:
             stats = event.stats
         text += event.text
     return columns, masks, text, stats
