@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import variant_dir
+from conftest import ids_for, to_numpy, variant_dir
 
 import nanochat_mlx as nc
 from nanochat_mlx import ChatSession, Engine, SamplingParams, Turn
@@ -14,8 +13,8 @@ GREEDY = SamplingParams(temperature=0.0, top_k=None, max_tokens=12)
 
 
 @pytest.fixture(scope="module", params=["g1", "g4", "g9"])
-def loaded(request):
-    return nc.load(str(variant_dir(request.param)), backend="mlx")
+def loaded(request, backend):
+    return nc.load(str(variant_dir(request.param)), backend=backend)
 
 
 def session(loaded, **kw) -> ChatSession:
@@ -73,9 +72,9 @@ def test_cached_logits_equal_cold_logits(loaded):
     cache, cached = s._cache, s._cached
     assert cached == tokens[: len(cached)]
     probe = tokens[len(cached) :] or [65]
-    warm = model(mx.array([probe]), cache=cache)[0, -1]
-    cold = model(mx.array([cached + probe]))[0, -1]
-    assert np.abs(np.array(warm) - np.array(cold)).max() < 1e-4
+    warm = to_numpy(model(ids_for(model, [probe]), cache=cache)[0, -1])
+    cold = to_numpy(model(ids_for(model, [cached + probe]))[0, -1])
+    assert np.abs(warm - cold).max() < 1e-4
 
 
 def test_undo_removes_the_last_turn_and_the_next_reply_matches(loaded):
