@@ -24,6 +24,13 @@ COMMANDS = ("chat", "tui", "info", "convert", "bench")
 PHASES = ("base", "mid", "sft", "rl")  # the reference chat CLI's -i/--source values
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is one ``--help`` away, not dumped on every typo)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _number(text: str) -> float:
     """argparse type for finite floats (``float`` would take nan and inf)."""
     try:
@@ -34,7 +41,7 @@ def _number(text: str) -> float:
 
 def model_options_parent(source: str = "option") -> argparse.ArgumentParser:
     """The model options every command shares. ``source``: "option" (``--source``) or "positional"."""
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = Parser(add_help=False)
     g = parent.add_argument_group("model")
     if source == "positional":
         g.add_argument("source", nargs="?", default=DEFAULT_SOURCE, help=f"the checkpoint (default {DEFAULT_SOURCE})")
@@ -64,7 +71,7 @@ def model_options_parent(source: str = "option") -> argparse.ArgumentParser:
 
 
 def sampling_options_parent() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = Parser(add_help=False)
     g = parent.add_argument_group("sampling")
     g.add_argument(
         "-t", "--temp", "--temperature", dest="temperature", type=_number, default=0.6, help="0 = greedy (default 0.6)"
@@ -87,7 +94,7 @@ def sampling_options_parent() -> argparse.ArgumentParser:
 def build_parser() -> dict[str, argparse.ArgumentParser]:
     model, sampling = model_options_parent(), sampling_options_parent()
     positional = model_options_parent("positional")
-    chat = argparse.ArgumentParser(
+    chat = Parser(
         prog="nanochat-mlx",
         parents=[model, sampling],
         description="Chat with a nanochat model (one-shot with -p, else a REPL). "
@@ -96,13 +103,13 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     chat.add_argument("--version", action="version", version=f"nanochat-mlx {__version__}")
     chat.add_argument("-p", "--prompt", help="one-shot prompt ('-' reads stdin); prints only the reply")
     chat.add_argument("--stats", action="store_true", help="print speed and memory stats to stderr")
-    tui = argparse.ArgumentParser(prog="nanochat-mlx tui", parents=[model, sampling], description="The terminal app")
-    info = argparse.ArgumentParser(
+    tui = Parser(prog="nanochat-mlx tui", parents=[model, sampling], description="The terminal app")
+    info = Parser(
         prog="nanochat-mlx info",
         parents=[positional],
         description="Describe a checkpoint: files, generation (and why), config, windows, dtypes, backend",
     )
-    convert = argparse.ArgumentParser(
+    convert = Parser(
         prog="nanochat-mlx convert",
         parents=[positional],
         description="Write an MLX-native folder (config.json + safetensors + tokenizer) from any checkpoint",

@@ -225,3 +225,26 @@ def test_prompt_longer_than_the_context_is_refused(g9_on):
     model, tok = g9_on
     with pytest.raises(nc.NanochatError, match="exceeds the model's context"):
         list(Engine(model, tok).generate([65] * (model.config.context_limit + 1), GREEDY))
+
+
+# --- options through the Python API ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (dict(dtype="float64"), "unknown dtype 'float64'"),
+        (dict(quantize=3), "unsupported quantization 3"),
+        (dict(backend="cuda"), "unknown backend 'cuda'"),
+        (dict(arch="g42"), "unknown architecture 'g42'"),
+        (dict(step=-1), "step must be >= 0"),
+    ],
+)
+def test_load_refuses_bad_options_with_the_clis_message(option, message):
+    with pytest.raises(nc.NanochatError, match=message):
+        nc.load(str(variant_dir("g1")), **option)
+
+
+def test_load_refuses_an_empty_source():
+    with pytest.raises(nc.NanochatError, match="source is empty"):
+        nc.load("")
