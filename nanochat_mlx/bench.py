@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from .backends import build_model
 from .checkpoint import Checkpoint, read_checkpoint
 from .config import ArchSpec, ModelConfig
 from .errors import NanochatError
-from .loading import build_model
 
 IMPLS = ("nanochat-mlx", "mlx-lm", "reference")
 ROW_KEYS = (
@@ -149,7 +149,7 @@ def _timed(build: Callable[[], Any]) -> tuple[Any, float, float]:
 def ours(ckpt: Checkpoint, backend: str, dtype: str, quantize: int | None, source: str | None) -> Contender:
     """nanochat-mlx: load (from ``source`` when given, else from the in-memory checkpoint) + Engine."""
     from .engine import Engine
-    from .loading import build_model, load
+    from .loading import load
     from .sampling import SamplingParams
 
     def build() -> Any:
@@ -827,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .loading import DTYPES
+    from .options import DTYPES
 
     dtypes = tuple(_split(args.dtype) or ["float32"])
     for d in dtypes:

@@ -2,91 +2,129 @@
 
 stdout carries only the assistant's reply (so one-shot output composes in pipes); notes,
 progress and stats go to stderr. Errors are one line and a non-zero exit (``--debug`` for the
-traceback).
+traceback). Every command takes its model options from one argparse parent and validates them
+through :class:`~nanochat_mlx.options.LoadOptions`, so each mistake gets the same message.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
+from . import __version__
 from .errors import NanochatError
+from .options import BACKENDS, DTYPES, QUANT_BITS, LoadOptions, finite
 from .sampling import SamplingParams
 from .sources import DEFAULT_SOURCE
 
 COMMANDS = ("chat", "tui", "info", "convert", "bench", "serve")
+PHASES = ("base", "mid", "sft", "rl")  # the reference chat CLI's -i/--source values
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--source",
-        default=DEFAULT_SOURCE,
-        help=f"folder, hf:owner/name[/sub][@rev], nanochat:sft[/tag] (default {DEFAULT_SOURCE})",
-    )
-    g.add_argument("--step", type=int, help="checkpoint step (default: the highest)")
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is one ``--help`` away, not dumped on every typo)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(text: str) -> float:
+    """argparse type for finite floats (``float`` would take nan and inf)."""
+    try:
+        return finite("value", text)
+    except NanochatError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
+
+
+def model_options_parent(source: str = "option") -> argparse.ArgumentParser:
+    """The model options every command shares. ``source``: "option" (``--source``) or "positional"."""
+    parent = Parser(add_help=False)
+    g = parent.add_argument_group("model")
+    if source == "positional":
+        g.add_argument("source", nargs="?", default=DEFAULT_SOURCE, help=f"the checkpoint (default {DEFAULT_SOURCE})")
+    else:
+        g.add_argument(
+            "--source",
+            "--model",
+            "-i",
+            default=DEFAULT_SOURCE,
+            help="folder, hf:owner/name[/sub][@rev], nanochat:sft[/tag], or a phase (base, mid, sft, rl) "
+            f"of the nanochat base dir (default {DEFAULT_SOURCE})",
+        )
+        g.add_argument("-g", "--model-tag", help="with a phase: the model tag in the base dir, e.g. d20")
+    g.add_argument("-s", "--step", type=int, help="checkpoint step (default: the highest)")
     g.add_argument("--arch", help="architecture generation g1..g9 when the files can't tell (g5/g6/g7)")
     g.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        help="compute dtype (default: float32 on CPU, bfloat16 on GPU)",
+        "--dtype", choices=DTYPES, help="compute dtype (default: float32 on CPU, bfloat16 on GPU; convert: float32)"
     )
-    g.add_argument("--quantize", type=int, choices=(4, 8), help="quantize weights to 4 or 8 bits (MLX)")
     g.add_argument(
-        "--backend",
-        default="auto",
-        choices=("auto", "mlx", "torch"),
-        help="auto: MLX on Apple Silicon, else torch if installed",
+        "--quantize", type=int, choices=QUANT_BITS, help="quantize weights: 4 or 8 bits (MLX), 8 (torch int8)"
+    )
+    g.add_argument(
+        "--backend", default="auto", choices=BACKENDS, help="auto: MLX on Apple Silicon, else torch if installed"
     )
     g.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parent
 
 
-def _sampling_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
+def sampling_options_parent() -> argparse.ArgumentParser:
+    parent = Parser(add_help=False)
+    g = parent.add_argument_group("sampling")
     g.add_argument(
-        "-t", "--temp", "--temperature", dest="temperature", type=float, default=0.6, help="0 = greedy (default 0.6)"
+        "-t", "--temp", "--temperature", dest="temperature", type=_number, default=0.6, help="0 = greedy (default 0.6)"
     )
     g.add_argument("-k", "--top-k", type=int, default=50, help="0 = off (default 50)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--max-tokens", type=int, default=256, help="reply length limit (default 256)")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--system", help="system prompt (merged into the first user message, as nanochat does)")
+    g.add_argument("--top-p", type=_number, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    g.add_argument("--min-p", type=_number, default=0.0, help="drop tokens below min-p x the top one (default 0)")
+    g.add_argument("--repetition-penalty", type=_number, default=1.0, help="over the last 20 tokens (default 1 = off)")
+    g.add_argument("-m", "--max-tokens", type=int, default=256, help="reply length limit (default 256)")
+    g.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
+    g.add_argument(
+        "--system",
+        "--system-prompt",
+        dest="system",
+        help="system prompt (merged into the first user message, as nanochat does)",
+    )
+    return parent
 
 
 def build_parser() -> dict[str, argparse.ArgumentParser]:
-    chat = argparse.ArgumentParser(
+    model, sampling = model_options_parent(), sampling_options_parent()
+    positional = model_options_parent("positional")
+    chat = Parser(
         prog="nanochat-mlx",
+        parents=[model, sampling],
         description="Chat with a nanochat model (one-shot with -p, else a REPL). "
-        "Other commands: tui, info, convert, bench, serve.",
+        "Other commands: tui, info, convert, bench, serve (nanochat-mlx COMMAND --help).",
     )
+    chat.add_argument("--version", action="version", version=f"nanochat-mlx {__version__}")
     chat.add_argument("-p", "--prompt", help="one-shot prompt ('-' reads stdin); prints only the reply")
     chat.add_argument("--stats", action="store_true", help="print speed and memory stats to stderr")
-    _model_options(chat)
-    _sampling_options(chat)
-    tui = argparse.ArgumentParser(prog="nanochat-mlx tui", description="The terminal chat app")
-    _model_options(tui)
-    _sampling_options(tui)
-    info = argparse.ArgumentParser(prog="nanochat-mlx info", description="Describe a checkpoint")
-    info.add_argument("source", nargs="?", default=DEFAULT_SOURCE)
-    info.add_argument("--step", type=int)
-    info.add_argument("--arch")
-    info.add_argument("--backend", default="auto", choices=("auto", "mlx", "torch"))
-    info.add_argument("--debug", action="store_true")
-    convert = argparse.ArgumentParser(
-        prog="nanochat-mlx convert", description="Write an MLX-native folder (config.json + safetensors + tokenizer)"
+    tui = Parser(prog="nanochat-mlx tui", parents=[model, sampling], description="The terminal app")
+    info = Parser(
+        prog="nanochat-mlx info",
+        parents=[positional],
+        description="Describe a checkpoint: files, generation (and why), config, windows, dtypes, backend",
     )
-    convert.add_argument("source")
-    convert.add_argument("out")
-    convert.add_argument("--step", type=int)
-    convert.add_argument("--arch")
-    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    convert.add_argument("--quantize", type=int, choices=(4, 8))
-    convert.add_argument("--debug", action="store_true")
+    convert = Parser(
+        prog="nanochat-mlx convert",
+        parents=[positional],
+        description="Write an MLX-native folder (config.json + safetensors + tokenizer) from any checkpoint",
+    )
+    convert.add_argument("out", help="the folder to write (must not exist, or be empty)")
     return {"chat": chat, "tui": tui, "info": info, "convert": convert}
+
+
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    """The validated model options of a parsed command line."""
+    source = args.source
+    tag = getattr(args, "model_tag", None)
+    if source in PHASES and not Path(source).exists() or tag:
+        source = f"nanochat:{source.removeprefix('nanochat:')}" + (f"/{tag}" if tag else "")
+    return LoadOptions(source, args.step, args.arch, args.dtype, args.quantize, args.backend)
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -113,14 +151,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return _guarded(lambda: serve_main(argv), debug="--debug" in argv)
     args = build_parser()[command].parse_args(argv)
-    run: Callable[[], int] = {"chat": _chat, "tui": _tui, "info": _info, "convert": _convert}[command].__get__(args)  # type: ignore[attr-defined]
-    return _guarded(run, debug=args.debug)
+    run: Callable[[argparse.Namespace], int] = {"chat": _chat, "tui": _tui, "info": _info, "convert": _convert}[command]
+    return _guarded(lambda: run(args), debug=args.debug)
 
 
 def _guarded(run: Callable[[], int], debug: bool) -> int:
     """Run a command; user errors become one line on stderr and exit status 1."""
     try:
         return run()
+    except BrokenPipeError:  # `nanochat-mlx -p ... | head -n 1`: the reader left, as Unix tools exit
+        _silence_stdout()
+        return 0
     except NanochatError as e:
         if debug:
             raise
@@ -136,55 +177,57 @@ def _guarded(run: Callable[[], int], debug: bool) -> int:
         return 1
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's exit flush can't raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 # --- commands -----------------------------------------------------------------------------------
 
 
-def _load_session(args: argparse.Namespace):
-    """Options checked up front, then model, engine and session."""
-    from .backends import pick_backend
-    from .checkpoint import read_checkpoint, warn
-    from .engine import Engine
-    from .loading import build_model, check_options
-    from .session import ChatSession
+def _load(options: LoadOptions):
+    from .backends import backend_hint
+    from .checkpoint import warn
+    from .loading import load_model
 
-    params = sampling_params(args)
-    check_options(args.dtype, args.quantize)
-    backend = pick_backend(args.backend)
     if sys.stderr.isatty():
-        print(f"loading {args.source} ...", file=sys.stderr)
-    ckpt = read_checkpoint(args.source, step=args.step, arch=args.arch)
-    warn(ckpt.notes)
-    model = build_model(ckpt, dtype=args.dtype, quantize=args.quantize, backend=backend)
-    engine = Engine(model, ckpt.tokenizer)
-    return ckpt, ChatSession(engine, system_prompt=args.system, params=params)
-
-
-def _describe(ckpt, session) -> str:
-    r = session.engine.runner
-    quant = f", {session.engine.model.quantization}-bit" if getattr(session.engine.model, "quantization", None) else ""
-    return f"{ckpt.name} ({ckpt.spec.name}, {ckpt.n_params / 1e6:.1f}M params) on {r.name} {r.device} {r.dtype}{quant}"
+        print(f"loading {options.source} ...", file=sys.stderr)
+    loaded = load_model(options)
+    warn(loaded.checkpoint.notes)
+    hint = backend_hint(loaded.backend, loaded.device)
+    if hint:
+        print(f"note: {hint}", file=sys.stderr)
+    return loaded
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from .session import ChatSession
+
+    # Validate every option before the (slow) model load.
+    options, params = load_options(args), sampling_params(args)
     prompt = args.prompt
     if prompt == "-":
         prompt = sys.stdin.read()
-    # Validate every option before the (slow) model load.
-    sampling_params(args)
-    ckpt, session = _load_session(args)
+    if prompt is not None and not prompt.strip():
+        raise NanochatError("the prompt is empty: give -p TEXT, or -p - with text on stdin")
+    loaded = _load(options)
+    session = ChatSession(loaded.engine, system_prompt=args.system, params=params)
     if prompt is not None:
-        return _one_shot(session, prompt, args.stats, _describe(ckpt, session))
-    return _repl(session, args.stats, _describe(ckpt, session))
+        _stream_reply(session, prompt)
+        if args.stats:
+            print(f"{loaded.description}\n{session.last_stats.summary()}", file=sys.stderr)
+        return 0
+    return _repl(session, args.stats, loaded.description)
 
 
 def _stream_reply(session, text: str) -> None:
-    """Print the reply as it streams; notices (dropped turns) go to stderr first."""
+    """Print the reply as it streams; notices (a shorter context) go to stderr first."""
     events = session.stream(text)
     try:
         for event in events:
-            for notice in session.notices:
+            for notice in event.notices:
                 print(f"note: {notice}", file=sys.stderr)
-            session.notices.clear()
             if event.text:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
@@ -192,13 +235,6 @@ def _stream_reply(session, text: str) -> None:
         events.close()
         sys.stdout.write("\n")
         sys.stdout.flush()
-
-
-def _one_shot(session, prompt: str, stats: bool, description: str) -> int:
-    _stream_reply(session, prompt)
-    if stats:
-        print(f"{description}\n{session.last_stats.summary()}", file=sys.stderr)
-    return 0
 
 
 def _repl(session, stats: bool, description: str) -> int:
@@ -234,6 +270,9 @@ def _repl(session, stats: bool, description: str) -> int:
         except KeyboardInterrupt:
             print("(stopped)", file=sys.stderr)
             continue
+        except NanochatError as e:  # e.g. a message longer than the context: the session goes on
+            print(f"error: {e}", file=sys.stderr)
+            continue
         if stats and session.last_stats:
             print(session.last_stats.summary(), file=sys.stderr)
 
@@ -241,75 +280,27 @@ def _repl(session, stats: bool, description: str) -> int:
 def _tui(args: argparse.Namespace) -> int:
     from tui.app import run_tui
 
-    return run_tui(
-        args.source,
-        step=args.step,
-        arch=args.arch,
-        dtype=args.dtype,
-        quantize=args.quantize,
-        backend=args.backend,
-        params=sampling_params(args),
-        system=args.system,
-        debug=args.debug,
-    )
+    return run_tui(load_options(args), params=sampling_params(args), system=args.system, debug=args.debug)
 
 
 def _info(args: argparse.Namespace) -> int:
+    from .backends import describe_backend
     from .checkpoint import read_checkpoint
+    from .loading import describe_checkpoint
 
-    ckpt = read_checkpoint(args.source, step=args.step, arch=args.arch)
-    c, spec = ckpt.config, ckpt.spec
-    windows = c.window_sizes(spec)
-    dtypes = Counter(str(w.dtype) for w in ckpt.weights.values())
-    lines = [
-        f"source:       {ckpt.name}",
-        f"layout:       {ckpt.files.layout}" + (f", step {ckpt.files.step}" if ckpt.files.step is not None else ""),
-        *(
-            f"file:         {p}"
-            for p in [*ckpt.files.weights, ckpt.files.meta or ckpt.files.config, ckpt.files.tokenizer]
-            if p
-        ),
-        f"generation:   {spec.name}: {spec.summary}",
-        f"decided by:   {ckpt.how}",
-        f"config:       n_layer={c.n_layer} n_embd={c.n_embd} n_head={c.n_head} n_kv_head={c.n_kv_head} "
-        f"head_dim={c.head_dim} sequence_len={c.sequence_len} vocab_size={c.vocab_size} (rows {c.padded_vocab_size})",
-        f"parameters:   {ckpt.n_params:,}",
-        f"windows:      {'none (full causal)' if windows[0] is None else ', '.join(str(w) for w in windows)}"
-        + (f"  (pattern {c.window_pattern})" if spec.windowed else ""),
-        f"value embeds: {c.ve_layers(spec) or 'none'}",
-        f"dtypes:       {', '.join(f'{n} {d}' for d, n in sorted(dtypes.items()))} tensors",
-        f"rotary:       base {spec.rope_base:g}, {'bfloat16' if spec.rope_table_bf16 else 'float32'} tables; "
-        f"softcap {spec.softcap:g}",
-        f"tokenizer:    {ckpt.tokenizer.vocab_size} tokens, bos {ckpt.tokenizer.get_bos_token_id()}",
-        f"context:      {c.sequence_len} trained, {c.rope_len} max",
-        f"backend:      {_backend_and_device(args.backend)}",
-    ]
-    if ckpt.quantization:
-        lines.append(f"quantization: {ckpt.quantization['bits']}-bit, group {ckpt.quantization['group_size']}")
-    lines += [f"note:         {n}" for n in ckpt.notes]
-    print("\n".join(lines))
+    options = load_options(args)
+    ckpt = read_checkpoint(options.source, step=options.step, arch=options.arch)
+    rows = [*describe_checkpoint(ckpt), ("backend", describe_backend(options.backend))]
+    print("\n".join(f"{label + ':':<13} {value}" for label, value in rows))
     return 0
-
-
-def _backend_and_device(requested: str) -> str:
-    """Which backend ``requested`` resolves to here, on which device with which default dtype."""
-    from .backends import pick_backend
-
-    name = pick_backend(requested)
-    if name == "torch":
-        from .backends.torch.model import default_device, default_dtype
-
-        device = default_device()
-        return f"torch on {device.type}, {default_dtype(device)} ({requested})"
-    from .backends.mlx.model import default_dtype, device_name
-
-    return f"mlx on {device_name()}, {default_dtype()} ({requested})"
 
 
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
-    out = convert(args.source, args.out, step=args.step, arch=args.arch, dtype=args.dtype, quantize=args.quantize)
+    options = load_options(args)
+    out = convert(options.source, args.out, step=options.step, arch=options.arch, dtype=options.dtype,
+                  quantize=options.quantize)  # fmt: skip
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

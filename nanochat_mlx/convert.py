@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import NanochatError
-from .loading import check_options
+from .options import LoadOptions
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -43,7 +43,7 @@ def convert(
     """
     out = Path(out).expanduser()
     _check_out(out)
-    check_options(dtype, quantize)
+    LoadOptions(str(source), step, arch, dtype, quantize)  # the same checks as every load
     dtype = dtype or "float32"
     ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(str(source), step=step, arch=arch)
     if ckpt.quantization and quantize is not None and quantize != ckpt.quantization.get("bits"):

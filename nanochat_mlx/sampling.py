@@ -1,10 +1,21 @@
-"""Sampling options shared by every backend and front end."""
+"""The sampling policy, written once: both backends execute it through a few array primitives.
+
+A backend provides :class:`ArrayOps` (about ten primitives over its arrays); :class:`Sampler`
+composes them into the policy: repetition penalty over the last ``REPETITION_WINDOW`` tokens
+(mlx-lm's logits processor), then greedy (the reference's first maximum) or temperature with
+top-k, min-p and top-p filters. The token history stays on the device, so a pipelined decode
+loop never waits for a token to be read back, penalty or not.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol
 
 from .errors import NanochatError
+from .options import finite, whole
+
+REPETITION_WINDOW = 20  # tokens the repetition penalty looks back over (mlx-lm's default)
 
 
 @dataclass(frozen=True)
@@ -20,6 +31,11 @@ class SamplingParams:
     max_tokens: int | None = 256
 
     def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen dataclass
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            set_(name, finite(name.replace("_", " "), getattr(self, name)))
+        for name in ("top_k", "seed", "max_tokens"):
+            whole(name.replace("_", " "), getattr(self, name))
         if self.temperature < 0:
             raise NanochatError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
@@ -42,3 +58,66 @@ class SamplingParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class ArrayOps(Protocol):
+    """The primitives a backend gives the policy. Arrays are (B, V) logits or (B, W) token ids."""
+
+    def ids(self, rows: list[list[int]]) -> Any: ...  # int ids (B, W) on the device
+    def push(self, history: Any, column: Any) -> Any: ...  # drop the oldest id of each row, append column (B,)
+    def gather(self, logits: Any, ids: Any) -> Any: ...  # logits[b, ids[b, j]] -> (B, W)
+    def scatter(self, logits: Any, ids: Any, values: Any) -> Any: ...  # a copy with those entries set
+    def where(self, condition: Any, a: Any, b: Any) -> Any: ...  # b may be a scalar
+    def argmax(self, logits: Any) -> Any: ...  # (B,), the first maximum
+    def kth_largest(self, logits: Any, k: int) -> Any: ...  # (B, 1)
+    def softmax(self, logits: Any) -> Any: ...
+    def row_max(self, x: Any) -> Any: ...  # (B, 1)
+    def sort_descending(self, x: Any) -> tuple[Any, Any]: ...  # values, indices
+    def cumsum(self, x: Any) -> Any: ...
+    def unsort(self, sorted_values: Any, order: Any) -> Any: ...  # inverse of take_along(x, order)
+    def categorical(self, logits: Any, rng: Any) -> Any: ...  # (B,) samples of softmax(logits)
+    def rng(self, seed: int | None) -> Any: ...  # a generator state for ``categorical``
+
+
+class Sampler:
+    """The policy for one generation: ``sampler(logits) -> ids`` and ``sampler.push(column)``.
+
+    ``rows`` are each row's tokens so far (the prompt); the history the penalty reads is kept
+    on the device as the last ``REPETITION_WINDOW`` ids of each row. Rows shorter than the window
+    are padded by repeating their first id: a repeated id is penalized once, like any other.
+    """
+
+    def __init__(self, ops: ArrayOps, params: SamplingParams, rows: list[list[int]]) -> None:
+        self.ops, self.params = ops, params
+        self.rng = ops.rng(params.seed) if not params.greedy else None
+        self.history = None
+        if params.repetition_penalty != 1.0:
+            window = [r[-REPETITION_WINDOW:] for r in rows]
+            self.history = ops.ids([[r[0]] * (REPETITION_WINDOW - len(r)) + r for r in window])
+
+    def push(self, column: Any) -> None:
+        """Record the ids fed to the model next (sampled or forced by a tool)."""
+        if self.history is not None:
+            self.history = self.ops.push(self.history, column)
+
+    def __call__(self, logits: Any) -> Any:
+        ops, p = self.ops, self.params
+        if self.history is not None:
+            picked = ops.gather(logits, self.history)
+            penalized = ops.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
+            logits = ops.scatter(logits, self.history, penalized)
+        if p.greedy:
+            return ops.argmax(logits)
+        logits = logits / p.temperature
+        if p.top_k and p.top_k < logits.shape[-1]:
+            logits = ops.where(logits < ops.kth_largest(logits, p.top_k), -float("inf"), logits)
+        if p.min_p > 0 or p.top_p < 1.0:
+            probs = ops.softmax(logits)
+            if p.min_p > 0:
+                logits = ops.where(probs < p.min_p * ops.row_max(probs), -float("inf"), logits)
+            if p.top_p < 1.0:
+                # Keep the smallest prefix (by probability) whose mass reaches top_p; the first stays.
+                sorted_probs, order = ops.sort_descending(probs)
+                drop = (ops.cumsum(sorted_probs) - sorted_probs) >= p.top_p
+                logits = ops.where(ops.unsort(drop, order), -float("inf"), logits)
+        return ops.categorical(logits, self.rng)

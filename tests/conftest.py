@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -42,6 +43,31 @@ ARCH_OVERRIDE = {"g6": "g6", "g7": "g7"}
 
 TOKENS_TERMINAL = ("<|assistant_end|>", "<|bos|>")
 
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+# Specs that hold for both backends take the ``backend`` fixture (or parametrize over BACKENDS).
+BACKENDS = ["mlx", pytest.param("torch", marks=pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed"))]
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+def ids_for(model, rows: list[list[int]]):
+    """Token ids (B, T) as the model's backend takes them."""
+    if model.make_runner().name == "torch":
+        import torch
+
+        return torch.tensor(rows, dtype=torch.long, device=model.device)
+    import mlx.core as mx
+
+    return mx.array(rows)
+
+
+def to_numpy(x) -> np.ndarray:
+    """An MLX array or a torch tensor as numpy."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.array(x)
+
 
 def variant_dir(name: str) -> Path:
     """The fixture folder of one variant (``g1``, ``g9-bf16``, ...)."""
@@ -71,10 +97,10 @@ def run_generation(engine, prompt: list[int], params, **kw) -> tuple[list, list,
     """Token columns, masks, streamed text and final stats of one ``engine.generate`` call."""
     columns, masks, text, stats = [], [], "", None
     for event in engine.generate(prompt, params, **kw):
-        if event.stats is None:
+        if event.tokens:
             columns.append(event.tokens)
             masks.append(event.masks)
-        else:
+        if event.final:
             stats = event.stats
         text += event.text
     return columns, masks, text, stats

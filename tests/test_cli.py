@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ALL_VARIANTS, expected_json, variant_arch, variant_dir
+from conftest import ALL_VARIANTS, copy_variant, expected_json, variant_arch, variant_dir
 
 CLI = [sys.executable, "-m", "nanochat_mlx.cli"]
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -198,3 +198,81 @@ def test_console_script_is_installed():
 def test_info_names_the_backend_and_device():
     out = nanochat("info", str(variant_dir("g1")), "--backend", "mlx").stdout.decode()
     assert "backend:      mlx on cpu, float32 (mlx)" in out
+
+
+# --- as people type it ----------------------------------------------------------------------------
+
+
+def test_mlx_lm_spellings_work_as_aliases():
+    user, want, max_tokens = reference_reply("g9")
+    r = nanochat("--model", str(variant_dir("g9")), "-p", user, "--temp", "0", "-m", str(max_tokens))
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode() == want + "\n"
+
+
+def test_system_prompt_spelling_is_accepted():
+    r = nanochat("--source", str(variant_dir("g1")), "-p", "hi", "-t", "0", "-m", "3", "--system-prompt", "Be brief.")
+    assert r.returncode == 0, r.stderr.decode()
+
+
+def test_reference_chat_cli_spellings_pick_a_base_dir_checkpoint(tmp_path):
+    copy_variant("g9", tmp_path / "base" / "chatsft_checkpoints" / "d4")
+    user, want, max_tokens = reference_reply("g9")
+    env = {"NANOCHAT_BASE_DIR": str(tmp_path / "base")}
+    r = nanochat("-i", "sft", "-g", "d4", "-s", "500", "-p", user, "-t", "0", "-m", str(max_tokens), env=env)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode() == want + "\n"
+
+
+def test_a_bad_option_is_one_line_not_a_usage_dump():
+    r = nanochat("--source", str(variant_dir("g1")), "-p", "hi", "--no-such-flag")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1 and "--no-such-flag" in err and "--help" in err
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n"])
+def test_an_empty_prompt_is_refused(prompt):
+    r = nanochat("--source", str(variant_dir("g1")), "-p", prompt)
+    assert r.returncode == 1 and "empty" in r.stderr.decode() and r.stdout == b""
+
+
+@pytest.mark.parametrize("args", [["-t", "nan"], ["-t", "inf"], ["--repetition-penalty", "nan"], ["--top-p=-inf"]])
+def test_values_that_are_not_finite_numbers_are_refused(args):
+    r = nanochat("--source", str(variant_dir("g1")), "-p", "hi", *args)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "finite" in err and err.count("\n") == 1
+
+
+def test_an_empty_source_is_refused_not_the_current_folder():
+    r = nanochat("--source", "", "-p", "hi")
+    assert r.returncode == 1 and "source is empty" in r.stderr.decode()
+
+
+def test_version():
+    r = nanochat("--version")
+    assert r.returncode == 0 and r.stdout.decode().startswith("nanochat-mlx ")
+
+
+def test_a_pipe_closed_early_ends_quietly():
+    cmd = " ".join([*CLI, "--source", str(variant_dir("g9")), "-p", "'hi'", "-t", "1.0", "-m", "400"])
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd} | head -c 1"], capture_output=True, timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_repl_refuses_a_line_longer_than_the_context_and_goes_on():
+    long_line = "word " * 3000
+    r = nanochat("--source", str(variant_dir("g1")), "-t", "0", "-m", "4", stdin=f"{long_line}\nhi\n")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "too long" in r.stderr.decode()
+    assert r.stdout.decode().count("\n") == 1  # the next message was answered
+
+
+@pytest.mark.parametrize("command", ["chat", "tui", "info", "convert"])
+def test_every_argument_has_help_text(command):
+    from nanochat_mlx.cli import build_parser
+
+    parser = build_parser()[command]
+    missing = [a.dest for a in parser._actions if not a.help]
+    assert missing == []

@@ -1,4 +1,4 @@
-"""The server's scheduler and prompt cache, in process: tool calls, stop strings, prefix reuse.
+"""The server's scheduler and prompt cache, in process: tool calls, prefix reuse, eviction.
 
 The scheduler runs its real model thread over a real engine; the tool-call tests replace only the
 network by the scripted model (as the engine's tests do) so that a calculator call can be staged.
@@ -15,7 +15,7 @@ from scripted import ScriptedModel
 import nanochat_mlx as nc
 from nanochat_mlx import Engine, SamplingParams
 from nanochat_mlx.serve.prompt_cache import PromptCache
-from nanochat_mlx.serve.scheduler import Delta, Finished, Job, Scheduler, Started, StopText
+from nanochat_mlx.serve.scheduler import Delta, Finished, Job, Scheduler, Started
 
 GREEDY = SamplingParams(temperature=0.0, top_k=None, max_tokens=32)
 
@@ -53,16 +53,6 @@ def test_a_calculator_call_streams_the_cli_text_and_the_call(g1):
     assert [d.tool for d in deltas if d.tool] == [{"expression": "1+2", "output": "3"}]
     # The forced tool output replaces sampled tokens: the reply is as long as the script.
     assert isinstance(events[0], Started) and events[-1] == Finished(0, "stop", len(script))
-
-
-def test_stop_strings_are_held_back_across_pieces():
-    stop = StopText(("END",))
-    assert stop.feed("abcE") == ("abc", False)
-    assert stop.feed("N") == ("", False)
-    assert stop.feed("Dxyz") == ("", True)
-    held = StopText(("END",))
-    assert held.feed("aE") == ("a", False)
-    assert held.feed("x") == ("Ex", False)
 
 
 def test_prompt_cache_gives_the_longest_cached_prefix_and_trims_it(g1):

@@ -14,14 +14,14 @@ from .protocol import Limits
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import _model_options
+    from ..cli import Parser, model_options_parent
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="nanochat-mlx serve",
+        parents=[model_options_parent()],
         description="Serve a model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models) "
         "with a web chat page at /",
     )
-    _model_options(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000)
@@ -42,22 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli import load_options
+
     args = build_parser().parse_args(argv)
+    options = load_options(args)  # checked before the server starts
     if args.max_concurrency < 1 or args.queue < 0:
         raise NanochatError("--max-concurrency must be at least 1 and --queue at least 0")
     import uvicorn
 
+    from ..loading import load_model
     from .app import ServerConfig, build_app
     from .scheduler import Scheduler
 
     def load():
-        from ..engine import Engine
-        from ..loading import load as load_model
-
-        model, tokenizer = load_model(
-            args.source, step=args.step, arch=args.arch, dtype=args.dtype, quantize=args.quantize, backend=args.backend
-        )
-        return Engine(model, tokenizer)
+        loaded = load_model(options)
+        print(f"nanochat-mlx serve: {loaded.description}", file=sys.stderr, flush=True)
+        return loaded.engine
 
     scheduler = Scheduler(load, max_rows=args.max_concurrency, max_queue=args.queue,
                           cache_bytes=args.prompt_cache_mb << 20)  # fmt: skip
@@ -67,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         max_total_chars=args.max_total_chars,
         max_tokens=args.max_completion_tokens,
     )
-    config = ServerConfig(args.source, args.api_key, tuple(args.allowed_origins), limits)
+    config = ServerConfig(options.source, args.api_key, tuple(args.allowed_origins), limits)
     app = build_app(scheduler, config)
     scheduler.start()
-    print(f"nanochat-mlx serve: http://{args.host}:{args.port} (loading {args.source})", file=sys.stderr, flush=True)
+    print(f"nanochat-mlx serve: http://{args.host}:{args.port} (loading {options.source})", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     try:
         server.run()

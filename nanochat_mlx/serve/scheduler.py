@@ -14,13 +14,15 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..engine import Engine, _Row
+from ..engine import Engine, RowState
 from ..errors import NanochatError
-from ..sampling import SamplingParams
+from ..sampling import Sampler, SamplingParams
 from .prompt_cache import PromptCache
+
+GREEDY = SamplingParams(temperature=0.0, top_k=None)
 
 PREFILL_CHUNK = 256  # prompt tokens run between two decode steps
 
@@ -72,7 +74,6 @@ class Job:
     cache: Any = None
     cached: int = 0
     prefilled: int = 0
-    sampler: Any = None
     rows_left: int = 0
 
     def cancel(self) -> None:
@@ -80,44 +81,17 @@ class Job:
         self.cancelled = True
 
 
-class StopText:
-    """Holds back text that may begin a stop string, so a stop split across tokens is never emitted."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """The text that is safe to emit now, and whether a stop string was reached."""
-        if not self.stops:
-            return text, False
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out) :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
 @dataclass
 class _BatchRow:
     job: Job
     index: int
     cache: Any
-    state: _Row
-    stop: StopText
+    state: RowState
+    sampler: Sampler | None  # None: greedy without a penalty, sampled with the whole batch at once
     max_tokens: int
     fed: list[int]  # the tokens the cache holds, in order
     generated: int = 0
     next_token: int = -1
-    forced_mask: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -190,6 +164,7 @@ class Scheduler:
             self.ready.set()
             return
         self.prompt_cache = PromptCache(self.engine.runner, self.cache_bytes)
+        self._greedy = self.engine.runner.sampler(GREEDY, [])  # stateless: any number of rows
         self.ready.set()
         while True:
             with self._lock:
@@ -231,21 +206,25 @@ class Scheduler:
         max_tokens = min(job.params.max_tokens or engine.context_limit, engine.context_limit - len(job.tokens))
         caches = [job.cache] + [runner.clone_cache(job.cache) for _ in range(job.n - 1)]
         rows = []
+        params = job.params
         for i, cache in enumerate(caches):
-            state = _Row(engine.tokenizer)
-            state.history = list(job.tokens)
-            rows.append(_BatchRow(job, i, cache, state, StopText(job.stops), max_tokens, list(job.tokens)))
-        job.sampler = runner.sampler(job.params)
+            state = RowState(engine.tokenizer, i, stop_strings=job.stops)
+            sampler = None
+            if not params.greedy or params.repetition_penalty != 1.0:
+                # Each choice draws its own stream (seed + choice), so a batch never changes a reply.
+                seed = None if params.seed is None else params.seed + i
+                sampler = runner.sampler(params.with_(seed=seed), [job.tokens])
+            rows.append(_BatchRow(job, i, cache, state, sampler, max_tokens, list(job.tokens)))
         job.rows_left = job.n
-        # Each choice samples its first token from the one prefill's logits (a fresh draw each).
-        ids = [runner.to_list(job.sampler(logits, [r.state.history]))[0] for r in rows]
+        greedy = self._greedy(logits) if any(r.sampler is None for r in rows) else None
+        greedy_id = runner.to_list(greedy)[0] if greedy is not None else None
         with self._lock:
             self._rows.extend(rows)
-        for row, token in zip(rows, ids, strict=True):
-            self._advance(row, token, 1)
+        for row in rows:
+            self._advance(row, greedy_id if row.sampler is None else runner.to_list(row.sampler(logits))[0], 1)
 
     def _decode_step(self) -> None:
-        """Feed every row its last token in one batched step, sample each job's rows, advance them."""
+        """Feed every row its last token in one batched step, sample each row, advance them."""
         runner = self.engine.runner
         for row in [r for r in self._rows if r.job.cancelled]:
             self._finish(row, None)
@@ -256,37 +235,28 @@ class Scheduler:
         logits = runner.decode_rows([r.next_token for r in rows], [r.cache for r in rows])
         for r in rows:
             r.fed.append(r.next_token)
-        # A job's rows are contiguous (they join together and leave in place): sample them together.
-        start = 0
-        while start < len(rows):
-            job = rows[start].job
-            end = start
-            while end < len(rows) and rows[end].job is job:
-                end += 1
-            group = rows[start:end]
-            ids = runner.to_list(job.sampler(logits[start:end], [r.state.history for r in group]))
-            for row, token in zip(group, ids, strict=True):
-                if row.state.forced:  # the calculator's output replaces the sampled token
-                    self._advance(row, row.state.forced.popleft(), 0)
-                else:
-                    self._advance(row, token, 1)
-            start = end
+        greedy = runner.to_list(self._greedy(logits)) if any(r.sampler is None for r in rows) else None
+        for i, row in enumerate(rows):
+            token = greedy[i] if row.sampler is None else runner.to_list(row.sampler(logits[i : i + 1]))[0]
+            if row.state.forced:  # the calculator's output replaces the sampled token
+                self._advance(row, row.state.forced.popleft(), 0)
+            else:
+                self._advance(row, token, 1)
 
     def _advance(self, row: _BatchRow, token: int, mask: int) -> None:
-        """Apply one token to a row: tool state machine, text, stop strings, limits."""
-        event = self.engine._advance([row.state], [token], [mask])
+        """Apply one token to a row: tool state machine, text, stop tokens and strings, limits."""
+        pieces, call = row.state.advance(token)
         row.generated += 1
-        text, stopped = row.stop.feed(event.texts[0])
-        tool = None
-        for call in event.tool_calls:
-            tool = {"expression": call.expression, "output": call.result}
-        row.job.sink(Delta(row.index, text, [token], tool))
-        if row.state.completed or stopped:
+        tool = {"expression": call.expression, "output": call.result} if call is not None else None
+        row.job.sink(Delta(row.index, "".join(p.text for p in pieces), [token], tool))
+        if row.state.finished:
             self._finish(row, "stop")
         elif row.generated >= row.max_tokens:
             self._finish(row, "length")
         else:
             row.next_token = token
+            if row.sampler is not None:
+                row.sampler.push(self.engine.runner.tokens([token]))
 
     def _finish(self, row: _BatchRow, reason: str | None) -> None:
         """Take a row out of the batch; its cache goes to the prompt cache. ``reason`` None: cancelled."""
@@ -294,9 +264,7 @@ class Scheduler:
             self._rows.remove(row)
         job = row.job
         if reason is not None:
-            tail, _ = row.stop.feed(row.state.detok.flush())
-            if reason == "length":
-                tail += row.stop.flush()
+            tail = "".join(p.text for p in row.state.flush())
             if tail:
                 job.sink(Delta(row.index, tail, []))
             job.sink(Finished(row.index, reason, row.generated))

@@ -110,6 +110,7 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig, spec: ArchSpec, dtype: mx.Dtype = mx.float32) -> None:
         super().__init__()
         self.config, self.spec, self.dtype = config, spec, dtype
+        self.quantization: int | None = None  # bits, once quantized
         self.model_type = "nanochat"
         self.transformer = Transformer(config, spec)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ...sampling import SamplingParams
+from ...sampling import Sampler, SamplingParams
 from .model import GPT, MLX_DTYPES, device_name
 
 
@@ -54,9 +54,14 @@ class MLXRunner:
             c.repeat(n)
         return cache, mx.repeat(logits, n, axis=0)
 
-    def sampler(self, params: SamplingParams):
-        """(logits (B, V), row histories or None) -> lazy ids (B,)."""
-        return make_sampler(params)
+    def sampler(self, params: SamplingParams, rows: list[list[int]]) -> Sampler:
+        """The sampling policy on MLX arrays, for rows whose tokens so far are ``rows``."""
+        return Sampler(MLX_OPS, params, rows)
+
+    @property
+    def pipelined(self) -> bool:
+        """MLX evaluates lazily: the next step can be scheduled before a token is read back."""
+        return True
 
     def tokens(self, ids: list[int]) -> mx.array:
         return mx.array(ids)
@@ -79,52 +84,45 @@ class MLXRunner:
         return int(mx.get_peak_memory())
 
 
-REPETITION_WINDOW = 64  # recent tokens the repetition penalty looks at
+class _Key:
+    """A PRNG key split once per sampled column: the same seed gives the same tokens, whatever else
+    draws from MLX's global generator."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.key = mx.random.key(seed) if seed is not None else None
+
+    def next(self) -> mx.array | None:
+        if self.key is None:
+            return None
+        self.key, sub = mx.random.split(self.key)
+        return sub
 
 
-def make_sampler(params: SamplingParams):
-    """A device-side sampler: greedy (first max), or temperature with top-k / top-p / min-p.
+class MLXOps:
+    """The sampling policy's primitives (``nanochat_mlx.sampling.ArrayOps``) on MLX arrays."""
 
-    Randomness comes from a key seeded by ``params.seed`` and split per step, so the same seed
-    gives the same tokens whatever else uses MLX's global generator.
-    """
-    key = mx.random.key(params.seed) if params.seed is not None else None
+    ids = staticmethod(lambda rows: mx.array(rows, dtype=mx.int32))
+    push = staticmethod(lambda h, col: mx.concatenate([h[:, 1:], col[:, None].astype(h.dtype)], axis=1))
+    gather = staticmethod(lambda logits, ids: mx.take_along_axis(logits, ids, axis=-1))
+    scatter = staticmethod(lambda logits, ids, values: mx.put_along_axis(logits, ids, values, axis=-1))
+    where = staticmethod(mx.where)
+    argmax = staticmethod(lambda logits: mx.argmax(logits, axis=-1))
+    kth_largest = staticmethod(lambda logits, k: mx.topk(logits, k, axis=-1).min(axis=-1, keepdims=True))
+    softmax = staticmethod(lambda x: mx.softmax(x, axis=-1))
+    row_max = staticmethod(lambda x: x.max(axis=-1, keepdims=True))
+    cumsum = staticmethod(lambda x: mx.cumsum(x, axis=-1))
+    unsort = staticmethod(lambda values, order: mx.take_along_axis(values, mx.argsort(order, axis=-1), axis=-1))
+    rng = staticmethod(_Key)
 
-    def penalize(logits: mx.array, histories: list[list[int]]) -> mx.array:
-        rows = []
-        for i, history in enumerate(histories):
-            row = logits[i]
-            ids = mx.array(sorted(set(history[-REPETITION_WINDOW:])))
-            picked = row[ids]
-            row[ids] = mx.where(picked < 0, picked * params.repetition_penalty, picked / params.repetition_penalty)
-            rows.append(row)
-        return mx.stack(rows)
+    @staticmethod
+    def sort_descending(x: mx.array) -> tuple[mx.array, mx.array]:
+        order = mx.argsort(-x, axis=-1)
+        return mx.take_along_axis(x, order, axis=-1), order
 
-    def sample(logits: mx.array, histories: list[list[int]] | None) -> mx.array:
-        nonlocal key
-        if params.repetition_penalty != 1.0 and histories:
-            logits = penalize(logits, histories)
-        if params.greedy:
-            return mx.argmax(logits, axis=-1)
-        logits = logits / params.temperature
-        vocab = logits.shape[-1]
-        if params.top_k and params.top_k < vocab:
-            kth = mx.topk(logits, params.top_k, axis=-1).min(axis=-1, keepdims=True)
-            logits = mx.where(logits < kth, -mx.inf, logits)
-        if params.min_p > 0 or params.top_p < 1.0:
-            probs = mx.softmax(logits, axis=-1)
-            if params.min_p > 0:
-                logits = mx.where(probs < params.min_p * probs.max(axis=-1, keepdims=True), -mx.inf, logits)
-            if params.top_p < 1.0:
-                order = mx.argsort(-probs, axis=-1)
-                sorted_probs = mx.take_along_axis(probs, order, axis=-1)
-                # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-                drop_sorted = (mx.cumsum(sorted_probs, axis=-1) - sorted_probs) >= params.top_p
-                drop = mx.take_along_axis(drop_sorted, mx.argsort(order, axis=-1), axis=-1)
-                logits = mx.where(drop, -mx.inf, logits)
-        if key is None:
-            return mx.random.categorical(logits)
-        key, sub = mx.random.split(key)
-        return mx.random.categorical(logits, key=sub)
+    @staticmethod
+    def categorical(logits: mx.array, rng: _Key) -> mx.array:
+        key = rng.next()
+        return mx.random.categorical(logits) if key is None else mx.random.categorical(logits, key=key)
 
-    return sample
+
+MLX_OPS = MLXOps()

@@ -239,6 +239,7 @@ class TorchGPT(nn.Module):
         super().__init__()
         config, spec = ckpt.config, ckpt.spec
         self.config, self.spec, self.device, self.dtype = config, spec, device, dtype
+        self.quantization: int | None = None  # bits, once quantized
 
         def weight(name: str) -> torch.Tensor:
             return to_torch(ckpt.weights[name], device, dtype)

@@ -2,60 +2,18 @@
 
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Callable
 
 import torch
 
-from ...sampling import SamplingParams
+from ...sampling import Sampler, SamplingParams
+from .cache import KVCache
+from .model import TORCH_DTYPES, TorchGPT, device_name
 
 try:
     import resource
 except ImportError:  # Windows: no getrusage
     resource = None
-
-from .cache import KVCache
-from .model import TORCH_DTYPES, TorchGPT, device_name
-
-REPETITION_CONTEXT = 20  # tokens the repetition penalty looks back over (mlx-lm's default, as the MLX runner)
-
-# --- sampling -----------------------------------------------------------------------------------
-
-
-def penalize(logits: torch.Tensor, histories: list[list[int]], penalty: float) -> torch.Tensor:
-    """Divide positive (multiply negative) logits of each row's recent tokens by ``penalty``."""
-    logits = logits.clone()
-    for row, history in enumerate(histories):
-        ids = torch.tensor(sorted(set(history[-REPETITION_CONTEXT:])), dtype=torch.long, device=logits.device)
-        if ids.numel():
-            chosen = logits[row, ids]
-            logits[row, ids] = torch.where(chosen < 0, chosen * penalty, chosen / penalty)
-    return logits
-
-
-def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scores to sample from with ``softmax(scores / temperature)`` (dropped tokens: -inf), and their ids.
-
-    Top-p, min-p and top-k each keep a prefix of the tokens ordered by probability, so only the
-    top-k (or, without top-k, all tokens sorted) need ordering; top-p is measured on the full
-    distribution, as the MLX runner does. Without any filter: the logits themselves, ids None.
-    """
-    vocab = logits.shape[-1]
-    top_k = params.top_k if params.top_k and params.top_k < vocab else None
-    if top_k is None and params.top_p >= 1.0 and params.min_p <= 0.0:
-        return logits, None
-    scores, ids = logits.topk(top_k, -1) if top_k else logits.sort(-1, descending=True)
-    if params.top_p < 1.0:
-        probs = (scores - logits.logsumexp(-1, keepdim=True)).exp()
-        # Keep a token while the mass of the more likely ones is below top_p (the first always).
-        scores = scores.masked_fill(probs.cumsum(-1) - probs >= params.top_p, -math.inf)
-    if params.min_p > 0.0:  # p >= min_p * p_max, in logits
-        scores = scores.masked_fill(scores < scores[..., :1] + math.log(params.min_p), -math.inf)
-    return scores, ids
-
-
-# --- the engine's runner ------------------------------------------------------------------------
 
 
 class TorchRunner:
@@ -98,25 +56,15 @@ class TorchRunner:
         """Copy a one-row cache (and its logits) into ``n`` rows, as the reference's KVCache.prefill."""
         return cache.expand(n), logits.repeat(n, 1)
 
-    def sampler(self, params: SamplingParams) -> Callable[[torch.Tensor, list[list[int]] | None], torch.Tensor]:
-        """(logits (B, V), row histories or None) -> ids (B,) on the device."""
-        generator = None
-        if params.seed is not None and not params.greedy:
-            generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        penalty = params.repetition_penalty
+    def sampler(self, params: SamplingParams, rows: list[list[int]]) -> Sampler:
+        """The sampling policy on torch tensors, for rows whose tokens so far are ``rows``."""
+        return Sampler(TorchOps(self.model.device), params, rows)
 
-        @torch.inference_mode()
-        def sample(logits: torch.Tensor, histories: list[list[int]] | None) -> torch.Tensor:
-            if penalty != 1.0 and histories:
-                logits = penalize(logits, histories, penalty)
-            if params.greedy:
-                return logits.argmax(-1)  # the first maximum, as the reference
-            scores, ids = candidates(logits, params)
-            probs = torch.softmax(scores / params.temperature, -1)
-            choice = torch.multinomial(probs, 1, generator=generator)
-            return (choice if ids is None else ids.gather(-1, choice))[:, 0]
-
-        return sample
+    @property
+    def pipelined(self) -> bool:
+        """CUDA and MPS queue kernels asynchronously, so scheduling a step ahead overlaps work; on the
+        CPU every call runs to completion, and a step ahead would only skew the decode clock."""
+        return self.model.device.type != "cpu"
 
     def tokens(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.model.device)
@@ -145,3 +93,35 @@ class TorchRunner:
             return 0
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS reports bytes, Linux KiB
+
+
+class TorchOps:
+    """The sampling policy's primitives (``nanochat_mlx.sampling.ArrayOps``) on torch tensors."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def ids(self, rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def rng(self, seed: int | None) -> torch.Generator | None:
+        return torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+
+    push = staticmethod(lambda h, col: torch.cat([h[:, 1:], col[:, None].to(h.dtype)], 1))
+    gather = staticmethod(lambda logits, ids: logits.gather(-1, ids))
+    scatter = staticmethod(lambda logits, ids, values: logits.scatter(-1, ids, values))
+    where = staticmethod(torch.where)
+    argmax = staticmethod(lambda logits: logits.argmax(-1))  # the first maximum, as the reference
+    kth_largest = staticmethod(lambda logits, k: logits.topk(k, -1).values[..., -1:])
+    softmax = staticmethod(lambda x: torch.softmax(x, -1))
+    row_max = staticmethod(lambda x: x.amax(-1, keepdim=True))
+    cumsum = staticmethod(lambda x: x.cumsum(-1))
+    unsort = staticmethod(lambda values, order: torch.empty_like(values).scatter(-1, order, values))
+
+    @staticmethod
+    def sort_descending(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.sort(-1, descending=True)
+
+    @staticmethod
+    def categorical(logits: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=rng)[:, 0]
