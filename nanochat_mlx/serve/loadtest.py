@@ -141,8 +141,11 @@ def wait_ready(process: subprocess.Popen, port: int, path: str, timeout: float =
 
 
 @contextmanager
-def running(command: list[str], port: int, ready_path: str):
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def running(command: list[str], port: int, ready_path: str, threads: int | None = None):
+    env = dict(os.environ)
+    if threads:  # OpenMP/BLAS threads of the server process (torch's intra-op pool, OpenBLAS)
+        env["OMP_NUM_THREADS"] = str(threads)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         wait_ready(process, port, ready_path)
         yield process
@@ -240,6 +243,7 @@ def run_serve_benchmark(
     max_tokens: int = 64,
     per_client: int = 2,
     prompt: str = "Tell me a long story about the sea, the wind and the ships that sail between them",
+    threads: int | None = None,
     log=print,
 ) -> list[LoadRow]:
     """Rows of ``nanochat-mlx serve`` (and of ``mlx_lm.server`` if compared) at each concurrency."""
@@ -255,7 +259,7 @@ def run_serve_benchmark(
             port = free_port()
             command, ready = server_command(impl, folder, port, impl_backend, max(concurrency))
             log(f"starting {impl} ({impl_backend})")
-            with running(command, port, ready):
+            with running(command, port, ready, threads):
                 drive(port, 1, 1, 4, prompt)  # warm-up: first-call compilation, page faults
                 for n in concurrency:
                     result = drive(port, n, per_client, max_tokens, prompt)
@@ -297,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", default="", help="mlx-lm: the same load against mlx_lm.server on the same folder")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--per-client", type=int, default=2, help="requests each client streams in turn")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the servers (default: inherited)")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     try:
@@ -308,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             tuple(c for c in args.compare.split(",") if c),
             args.max_tokens,
             args.per_client,
+            threads=args.threads,
             log=lambda m: print(m, file=sys.stderr, flush=True),
         )
     except NanochatError as e:
