@@ -44,7 +44,8 @@ class LoadRow:
     max_tokens: int
     generated_tokens: int
     wall_s: float
-    aggregate_decode_tps: float
+    aggregate_decode_tps: float  # the clients' decode rates summed (tokens after each one's first)
+    output_tps: float  # every generated token over the level's wall time (prefill and queueing included)
     ttft_p50_s: float
     ttft_p95_s: float
 
@@ -52,8 +53,8 @@ class LoadRow:
 # --- clients --------------------------------------------------------------------------------------
 
 
-def stream_completion(port: int, body: dict, timeout: float = 600) -> tuple[float, int]:
-    """One streaming /v1/completions request: (time to first text, tokens generated)."""
+def stream_completion(port: int, body: dict, timeout: float = 600) -> tuple[float, int, float]:
+    """One streaming /v1/completions request: time to first text, tokens generated, seconds after the first."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     start = time.perf_counter()
     payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -72,10 +73,11 @@ def stream_completion(port: int, body: dict, timeout: float = 600) -> tuple[floa
             if choice.get("text"):
                 first = first or time.perf_counter()
                 chunks += 1
+    end = time.perf_counter()
     conn.close()
     if first is None:
         raise RuntimeError("no text came back")
-    return first - start, usage["completion_tokens"] if usage else chunks
+    return first - start, usage["completion_tokens"] if usage else chunks, end - first
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -85,25 +87,37 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def drive(port: int, concurrency: int, per_client: int, max_tokens: int, prompt: str) -> dict:
+@dataclass
+class LoadResult:
+    ttfts: list[float]
+    tokens: int  # generated, all requests
+    decode_tps: list[float]  # each client's decode rate: tokens after the first over the time after the first
+    errors: list[str]
+    wall: float
+
+
+def drive(port: int, concurrency: int, per_client: int, max_tokens: int, prompt: str) -> LoadResult:
     """``concurrency`` clients at once, each streaming ``per_client`` requests in turn."""
-    ttfts: list[float] = []
-    tokens = [0]
-    errors: list[str] = []
+    result = LoadResult([], 0, [], [], 0.0)
     lock = threading.Lock()
 
     def client(i: int) -> None:
+        decoded, seconds = 0, 0.0
         for j in range(per_client):
             body = {"prompt": f"{prompt} (client {i}, request {j})", "max_tokens": max_tokens, "temperature": 0}
             try:
-                ttft, n = stream_completion(port, body)
+                ttft, n, after_first = stream_completion(port, body)
             except (OSError, RuntimeError, ValueError) as e:
                 with lock:
-                    errors.append(str(e))
+                    result.errors.append(str(e))
                 continue
+            decoded, seconds = decoded + n - 1, seconds + after_first
             with lock:
-                ttfts.append(ttft)
-                tokens[0] += n
+                result.ttfts.append(ttft)
+                result.tokens += n
+        if seconds > 0:
+            with lock:
+                result.decode_tps.append(decoded / seconds)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
     start = time.perf_counter()
@@ -111,8 +125,8 @@ def drive(port: int, concurrency: int, per_client: int, max_tokens: int, prompt:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
-    return {"ttfts": ttfts, "tokens": tokens[0], "errors": errors, "wall": wall}
+    result.wall = time.perf_counter() - start
+    return result
 
 
 # --- servers --------------------------------------------------------------------------------------
@@ -264,30 +278,31 @@ def run_serve_benchmark(
                 for n in concurrency:
                     result = drive(port, n, per_client, max_tokens, prompt)
                     row = LoadRow(
-                        impl, impl_backend, geometry, arch, n, n * per_client, len(result["errors"]), max_tokens,
-                        result["tokens"], round(result["wall"], 3), round(result["tokens"] / result["wall"], 2),
-                        round(percentile(result["ttfts"], 0.5), 3), round(percentile(result["ttfts"], 0.95), 3),
+                        impl, impl_backend, geometry, arch, n, n * per_client, len(result.errors), max_tokens,
+                        result.tokens, round(result.wall, 3), round(sum(result.decode_tps), 2),
+                        round(result.tokens / result.wall, 2), round(percentile(result.ttfts, 0.5), 3),
+                        round(percentile(result.ttfts, 0.95), 3),
                     )  # fmt: skip
-                    log(f"  {impl} c={n}: {row.aggregate_decode_tps} tok/s, ttft p50 {row.ttft_p50_s} s, "
-                        f"p95 {row.ttft_p95_s} s, errors {row.errors}")  # fmt: skip
+                    log(f"  {impl} c={n}: decode {row.aggregate_decode_tps} tok/s, output {row.output_tps} tok/s, "
+                        f"ttft p50 {row.ttft_p50_s} s, p95 {row.ttft_p95_s} s, errors {row.errors}")  # fmt: skip
                     rows.append(row)
     return rows
 
 
 def markdown(rows: list[LoadRow]) -> str:
-    """A results table; speedup = aggregate throughput over the same server's one-stream throughput."""
+    """A results table; x one stream = aggregate decode throughput over the same server's at concurrency 1."""
     single = {(r.impl, r.backend): r.aggregate_decode_tps for r in rows if r.concurrency == 1}
     lines = [
-        "| impl | backend | model | concurrency | requests | errors | aggregate tok/s | x one stream | "
-        "TTFT p50 s | TTFT p95 s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| impl | backend | model | concurrency | requests | errors | aggregate decode tok/s | x one stream | "
+        "output tok/s | TTFT p50 s | TTFT p95 s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         base = single.get((r.impl, r.backend))
         speedup = f"{r.aggregate_decode_tps / base:.2f}" if base else "-"
         lines.append(
             f"| {r.impl} | {r.backend} | {r.geometry} ({r.arch}) | {r.concurrency} | {r.requests} | {r.errors} | "
-            f"{r.aggregate_decode_tps:.2f} | {speedup} | {r.ttft_p50_s:.3f} | {r.ttft_p95_s:.3f} |"
+            f"{r.aggregate_decode_tps:.2f} | {speedup} | {r.output_tps:.2f} | {r.ttft_p50_s:.3f} | {r.ttft_p95_s:.3f} |"
         )
     return "\n".join(lines)
 

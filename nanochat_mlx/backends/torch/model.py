@@ -87,12 +87,13 @@ class Linear(nn.Module):
             # A few rows (batched decode): the CPU GEMM packs the whole weight before using it, which
             # costs more memory traffic than the product; slices that stay in cache halve the time.
             w = self.weight
-            return torch.cat([F.linear(x, w[i : i + WEIGHT_SLICE]) for i in range(0, w.shape[0], WEIGHT_SLICE)], -1)
+            step = max(16, SLICE_BYTES // (w.shape[1] * w.element_size()))
+            return torch.cat([F.linear(x, w[i : i + step]) for i in range(0, w.shape[0], step)], -1)
         return F.linear(x, self.weight)
 
 
 BATCH_ROWS = 32  # up to this many rows the CPU product runs over weight slices
-WEIGHT_SLICE = 512  # output rows per slice: 512 x 768 float32 weights are 1.5 MiB
+SLICE_BYTES = 1 << 20  # weight bytes per slice: well inside a core's L2 cache
 
 
 GEMV_ROWS = 16  # up to this many rows (decode, num_samples) Int8Linear runs the int8 kernel
