@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     options = load_options(args)  # checked before the server starts
-    if args.max_concurrency < 1 or args.queue < 0:
-        raise NanochatError("--max-concurrency must be at least 1 and --queue at least 0")
+    if args.max_concurrency < 1 or args.queue < 1:
+        raise NanochatError("--max-concurrency and --queue must be at least 1")
     import uvicorn
 
     from ..loading import load_model
@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     from .scheduler import Scheduler
 
     def load():
-        loaded = load_model(options)
+        try:
+            loaded = load_model(options)
+        except BaseException:
+            server.should_exit = True  # a model that cannot load ends the command (one-line error below)
+            raise
         print(f"nanochat-mlx serve: {loaded.description}", file=sys.stderr, flush=True)
         return loaded.engine
 
@@ -69,11 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     config = ServerConfig(options.source, args.api_key, tuple(args.allowed_origins), limits)
     app = build_app(scheduler, config)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     scheduler.start()
     print(f"nanochat-mlx serve: http://{args.host}:{args.port} (loading {options.source})", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     try:
         server.run()
     finally:
         scheduler.stop()
-    return 0
+    if scheduler.error:
+        raise NanochatError(scheduler.error)
+    return 0 if server.started else 1

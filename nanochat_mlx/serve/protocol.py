@@ -20,6 +20,7 @@ DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_K = 50
 DEFAULT_MAX_TOKENS = 512
 MAX_STOPS = 4  # as OpenAI
+MAX_SEED = 2**62  # choice i of n samples with seed + i: every backend's generator takes it
 
 
 class ApiError(Exception):
@@ -102,7 +103,7 @@ def generation(body: dict, limits: Limits, max_rows: int) -> Generation:
     if max_tokens is None:
         max_tokens = ranged(body, "max_tokens", (int,), 1, limits.max_tokens, DEFAULT_MAX_TOKENS, "an integer")
     n = ranged(body, "n", (int,), 1, max_rows, 1, "an integer")
-    seed = field(body, "seed", (int,), "an integer")
+    seed = ranged(body, "seed", (int,), 0, MAX_SEED, None, "an integer")
     stop = field(body, "stop", (str, list), "a string or a list of strings", [])
     stops = [stop] if isinstance(stop, str) else stop
     if len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
@@ -118,7 +119,7 @@ def generation(body: dict, limits: Limits, max_rows: int) -> Generation:
             min_p=float(min_p),
             repetition_penalty=float(penalty),
             # Without a seed, every request draws anew (OpenAI's behaviour); with one, it repeats.
-            seed=seed if seed is not None else random.randrange(2**63),
+            seed=seed if seed is not None else random.randrange(MAX_SEED),
             max_tokens=max_tokens,
         )
     except NanochatError as e:
