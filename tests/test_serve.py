@@ -249,6 +249,13 @@ def test_queue_full_is_429():
         waiting.close()
 
 
+def test_a_source_that_cannot_load_ends_the_command_with_one_line(tmp_path):
+    with serve(source=str(tmp_path / "missing"), wait=False) as s:
+        assert s.process.wait(timeout=60) == 1
+        lines = s.process.stderr.read().decode().strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in "".join(lines)
+
+
 def test_health_is_503_while_the_model_loads():
     with serve(backend="torch", wait=False) as s:
         s.wait_ready()

@@ -12,6 +12,7 @@ states decode in one step (``runner.decode_rows``) exactly as they would alone.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from .prompt_cache import PromptCache
 
 GREEDY = SamplingParams(temperature=0.0, top_k=None)
 
-PREFILL_CHUNK = 256  # prompt tokens run between two decode steps
+PREFILL_CHUNK = 128  # prompt tokens a prefill step runs
+PREFILL_SLICE_S = 0.5  # prefill time between two decode steps while rows are decoding
 
 
 class QueueFull(Exception):
@@ -172,17 +174,33 @@ class Scheduler:
                     self._lock.wait()
                 if self._stopping:
                     return
-                if self._prefilling is None and self._waiting:
-                    head = self._waiting[0]
-                    if head.cancelled or len(self._rows) + head.n <= self.max_rows:
-                        self._prefilling = self._waiting.popleft()
             try:
-                if self._prefilling is not None:
-                    self._prefill_step(self._prefilling)
+                self._prefill_slice()
                 if self._rows:
                     self._decode_step()
             except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
                 self._fail_all(f"{type(e).__name__}: {e}")
+
+    def _admit(self) -> Job | None:
+        """The job to prefill: the one under way, else the first waiting one if its rows fit."""
+        with self._lock:
+            if self._prefilling is None and self._waiting:
+                head = self._waiting[0]
+                if head.cancelled or len(self._rows) + head.n <= self.max_rows:
+                    self._prefilling = self._waiting.popleft()
+            return self._prefilling
+
+    def _prefill_slice(self) -> None:
+        """Prefill waiting jobs, in order, for about PREFILL_SLICE_S between two decode steps.
+
+        New requests get their first token soon (prefill first, as most servers schedule), while
+        the running rows never wait longer than the slice and one chunk.
+        """
+        deadline = time.perf_counter() + PREFILL_SLICE_S
+        while (job := self._admit()) is not None:
+            self._prefill_step(job)
+            if self._rows and time.perf_counter() >= deadline:
+                return
 
     def _prefill_step(self, job: Job) -> None:
         """One chunk of the prefilling job's prompt; when it is done, its rows join the batch."""
