@@ -4,8 +4,9 @@
 converted folder, starts ``nanochat-mlx serve`` on it (and, with ``compare=("mlx-lm",)``,
 ``mlx_lm.server`` on the very same folder), and for each concurrency runs that many clients at
 once, each streaming its requests from ``/v1/completions`` one after another. A row per server
-and concurrency: aggregate decode throughput (every generated token of the level over its wall
-time), time to first token p50/p95, requests, errors.
+and concurrency: aggregate decode throughput (each client's tokens after its first token over the
+time after it, summed over the clients), end-to-end output throughput (every generated token over
+the level's wall time), time to first token p50/p95, requests, errors.
 
     python -m nanochat_mlx.serve.loadtest --geometry d12 --arch g1 --backend torch --concurrency 1,2,4,8,16
 """

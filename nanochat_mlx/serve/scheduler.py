@@ -2,9 +2,10 @@
 
 MLX arrays belong to the thread that made them, so the model is loaded, prefilled and decoded on
 this one thread; the web server's event loop only submits jobs and receives their events. A job
-(one request, ``n`` choices) waits in a bounded FIFO queue, is prefilled in chunks between decode
-steps (so a long prompt never stalls the running rows for long), then joins the batch as ``n``
-rows; each row leaves the batch the step it stops, and the next waiting job takes its place.
+(one request, ``n`` choices) waits in a bounded FIFO queue, is prefilled in chunks (waiting jobs
+first, for at most about half a second between two decode steps, so a long prompt never stalls
+the running rows for long), then joins the batch as ``n`` rows; each row leaves the batch the
+step it stops, and the next waiting job takes its place.
 Each row keeps its own one-row cache, so rows of different lengths, sliding windows and smear
 states decode in one step (``runner.decode_rows``) exactly as they would alone.
 """
