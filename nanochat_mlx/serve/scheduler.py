@@ -121,6 +121,7 @@ class Scheduler:
         self._stopping = False
         self.peak_rows = 0  # the most rows one decode step has run
         self.cancelled_rows = 0  # rows stopped because their client went away
+        self._step_s = 0.0  # how long the last decode step took
         self._thread = threading.Thread(target=self._run, name="nanochat-model", daemon=True)
         self.prompt_cache: PromptCache | None = None
 
@@ -192,12 +193,14 @@ class Scheduler:
             return self._prefilling
 
     def _prefill_slice(self) -> None:
-        """Prefill waiting jobs, in order, for about PREFILL_SLICE_S between two decode steps.
+        """Prefill waiting jobs, in order, between two decode steps: for PREFILL_SLICE_S, or as long
+        as the last decode step took if that was longer.
 
         New requests get their first token soon (prefill first, as most servers schedule), while
-        the running rows never wait longer than the slice and one chunk.
+        the running rows never wait longer than the slice and one chunk. Where a decode step of the
+        whole batch is slow, prefill gets as much time as decode, not a sliver of it.
         """
-        deadline = time.perf_counter() + PREFILL_SLICE_S
+        deadline = time.perf_counter() + max(PREFILL_SLICE_S, self._step_s)
         while (job := self._admit()) is not None:
             self._prefill_step(job)
             if self._rows and time.perf_counter() >= deadline:
@@ -251,6 +254,7 @@ class Scheduler:
         if not rows:
             return
         self.peak_rows = max(self.peak_rows, len(rows))
+        began = time.perf_counter()
         logits = runner.decode_rows([r.next_token for r in rows], [r.cache for r in rows])
         for r in rows:
             r.fed.append(r.next_token)
@@ -261,6 +265,7 @@ class Scheduler:
                 self._advance(row, row.state.forced.popleft(), 0)
             else:
                 self._advance(row, token, 1)
+        self._step_s = time.perf_counter() - began
 
     def _advance(self, row: _BatchRow, token: int, mask: int) -> None:
         """Apply one token to a row: tool state machine, text, stop tokens and strings, limits."""
