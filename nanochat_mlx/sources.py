@@ -133,11 +133,11 @@ def select_checkpoint(
         return posixpath.join(folder, name) if folder else name
 
     tokenizer = _nearest_tokenizer(files, folder)
-    shown_folder = (folder + "/")[len(prefix) :] or "./"
+    shown_folder = (folder + "/")[len(prefix) :]  # as the user sees it from the source ("" at its top)
     if tokenizer is None:
         raise CheckpointError(
-            f"{origin}: no tokenizer for the checkpoint in {shown_folder} (looked for tokenizer.pkl, tokenizer.json "
-            "or tiktoken/tokenizer.model beside it, in tokenizer/, and in the folders above)"
+            f"{origin}: no tokenizer for the checkpoint in {shown_folder or 'the folder'} (looked for tokenizer.pkl, "
+            "tokenizer.json or tiktoken/tokenizer.model beside it, in tokenizer/, and in the folders above)"
         )
     if model is None and _has_config_weights(names):
         shards = tuple(rel(n) for n in sorted(names) if n.endswith(".safetensors"))
@@ -149,7 +149,9 @@ def select_checkpoint(
     numbered = sorted(k for k in models if k is not None)
     if step is not None and step not in models:
         have = ", ".join(str(s) for s in numbered) or "none"
-        raise CheckpointError(f"{origin}: no checkpoint for step {step} in {shown_folder} (steps present: {have})")
+        raise CheckpointError(
+            f"{origin}: no checkpoint for step {step} in {shown_folder or 'the folder'} (steps: {have})"
+        )
     chosen = step if step is not None else (numbered[-1] if numbered else None)
     meta = _meta_name(names, chosen)
     if meta is None:
