@@ -133,10 +133,10 @@ def select_checkpoint(
         return posixpath.join(folder, name) if folder else name
 
     tokenizer = _nearest_tokenizer(files, folder)
-    shown_folder = (folder + "/")[len(prefix) :]  # as the user sees it from the source ("" at its top)
+    shown_folder = (folder + "/")[len(prefix) :] or "the folder"  # as the user sees it from the source
     if tokenizer is None:
         raise CheckpointError(
-            f"{origin}: no tokenizer for the checkpoint in {shown_folder or 'the folder'} (looked for tokenizer.pkl, "
+            f"{origin}: no tokenizer for the checkpoint in {shown_folder} (looked for tokenizer.pkl, "
             "tokenizer.json or tiktoken/tokenizer.model beside it, in tokenizer/, and in the folders above)"
         )
     if model is None and _has_config_weights(names):
@@ -157,7 +157,7 @@ def select_checkpoint(
     if meta is None:
         want = f"meta_{chosen:06d}.json" if chosen is not None else "meta.json"
         raise CheckpointError(
-            f"{origin}: {shown_folder}{models[chosen]} has no meta file {want} beside it (it holds model_config)"
+            f"{origin}: {models[chosen]} in {shown_folder} has no meta file {want} beside it (it holds model_config)"
         )
     return Selection(folder, (rel(models[chosen]),), tokenizer, meta=rel(meta), step=chosen)
 
