@@ -58,13 +58,15 @@ def op_tuple(items: list[bytes]) -> bytes:
 
 
 def op_value(value: object) -> bytes:
-    """Ints, strings, None, bools and tuples/lists of them."""
+    """Ints, floats, strings, None, bools and tuples/lists of them."""
     if value is None:
         return b"N"
     if isinstance(value, bool):
         return b"\x88" if value else b"\x89"
     if isinstance(value, int):
         return op_int(value)
+    if isinstance(value, float):
+        return b"G" + struct.pack(">d", value)
     if isinstance(value, str):
         return op_str(value)
     if isinstance(value, tuple):
