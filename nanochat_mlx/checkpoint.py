@@ -157,11 +157,13 @@ def _model_config(
     pattern = values.get("window_pattern", "L")
     if not isinstance(pattern, str) or len(pattern) > values["n_layer"]:
         raise CheckpointError(f"{path}: {label('window_pattern')} must be a string of S and L, not {shown(pattern)}")
-    return ModelConfig(
-        **{key: values[key] for key in GEOMETRY_KEYS},
-        window_pattern=pattern,
-        padded_vocab_size=_padded_rows(weights, path),
-    )
+    padded = _padded_rows(weights, path)
+    try:
+        return ModelConfig(
+            **{key: values[key] for key in GEOMETRY_KEYS}, window_pattern=pattern, padded_vocab_size=padded
+        )
+    except CheckpointError as e:  # its consistency checks (divisibility, pattern letters)
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _check_layers(config: ModelConfig, weights: Weights, path: Path | None) -> None:
