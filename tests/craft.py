@@ -15,7 +15,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -246,32 +245,47 @@ class Run:
     returncode: int
     stdout: str
     stderr: str
-    seconds: float
-    peak_mb: float  # the child's peak resident memory
+    seconds: float  # the CLI's wall time
+    peak_mb: float  # the CLI's peak resident memory
+
+
+# Runs argv[3:] and writes its exit code and peak memory to argv[1]. A small process of its own, so
+# the peak is the CLI's: a child forked from pytest would count pytest's memory from before exec.
+_MEASURE = """
+import json, os, subprocess, sys, time
+report, timeout, cmd = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+start = time.monotonic()
+proc = subprocess.Popen(cmd)
+deadline = start + timeout
+while not (done := os.wait4(proc.pid, os.WNOHANG))[0]:
+    if time.monotonic() > deadline:
+        proc.kill()
+        done = os.wait4(proc.pid, 0)
+        break
+    time.sleep(0.01)
+_, status, usage = done
+result = {"code": os.waitstatus_to_exitcode(status), "peak_kib": usage.ru_maxrss, "seconds": time.monotonic() - start}
+with open(report, "w") as f:
+    json.dump(result, f)
+"""
 
 
 def run_cli(source: Path | str, env: dict[str, str] | None = None, timeout: float = 60) -> Run:
     """``python -m nanochat_mlx.cli -p hi --source SOURCE -t 0 --max-tokens 2``, with its own rusage."""
     cmd = [sys.executable, "-m", "nanochat_mlx.cli", "-p", "hi", "--source", str(source), "-t", "0"]
     cmd += ["--max-tokens", "2"]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=env or _env())
-        deadline = start + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.02)
-        seconds = time.monotonic() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return Run(proc.returncode, out.read().decode(), err.read().decode(), seconds, usage.ru_maxrss / 1024)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        out = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(report), str(timeout), *cmd],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env or _env(),
+            timeout=timeout + 30,
+        )
+        result = json.loads(report.read_text())
+    return Run(result["code"], out.stdout, out.stderr, result["seconds"], result["peak_kib"] / 1024)
 
 
 def _env() -> dict[str, str]:
