@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, NanochatError
-from .fileio import one_line
+from .fileio import one_line, read_bytes
 
 # progress(file name, bytes done, bytes total) as a download goes.
 Progress = Callable[[str, int, int], None]
@@ -41,8 +41,8 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     commit = revision if _COMMIT.match(revision) else None
     if commit is None:
         try:
-            commit = (repo / "refs" / revision).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
+            commit = read_bytes(repo / "refs" / revision, 256, "ref file").decode("ascii", "replace").strip()
+        except CheckpointError:  # no such ref (or not a plain file): not cached
             return None
     snapshot = repo / "snapshots" / commit
     return snapshot if _COMMIT.match(commit) and snapshot.is_dir() else None

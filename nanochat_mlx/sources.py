@@ -193,13 +193,13 @@ def _nearest_tokenizer(files: set[str], folder: str) -> str | None:
 # --- local folders ----------------------------------------------------------------------------
 
 
-def list_folder(path: Path) -> tuple[Path, str, list[str]]:
+def list_folder(path: Path, model: str | None = None) -> tuple[Path, str, list[str]]:
     """A local folder as a listing for :func:`select_checkpoint`: (root, the folder's place, names).
 
-    The names are every non-folder entry under ``path`` down to the depth the rule looks (plus the
-    tokenizer/ folders of the deepest checkpoint folders), each real folder walked once whatever
-    links lead to it, and the tokenizer candidates of the ``_TOKENIZER_LEVELS`` folders above, where
-    a nanochat base dir keeps tokenizer/. The root is the highest of those folders.
+    The names are the non-folder entries under ``path`` as deep as the rule can look (``_walk``),
+    each real folder walked once whatever links lead to it, and the tokenizer candidates of the
+    ``_TOKENIZER_LEVELS`` folders above, where a nanochat base dir keeps tokenizer/. The root is the
+    highest of those folders.
     """
     root, above = path, []
     for _ in range(_TOKENIZER_LEVELS):
@@ -208,7 +208,7 @@ def list_folder(path: Path) -> tuple[Path, str, list[str]]:
         above.insert(0, root.name)
         root = root.parent
     subdir = "/".join(above)
-    names = [posixpath.join(subdir, n) if subdir else n for n in _walk(path, MAX_DEPTH + 2)]
+    names = [posixpath.join(subdir, n) if subdir else n for n in _walk(path, model)]
     for depth in range(len(above)):
         base = "/".join(above[:depth])
         for sub in ("", "tokenizer/"):
@@ -219,12 +219,18 @@ def list_folder(path: Path) -> tuple[Path, str, list[str]]:
     return root, subdir, names
 
 
-def _walk(top: Path, max_depth: int) -> list[str]:
-    """Relative names of the non-folder entries under ``top``, breadth first, each real folder once."""
+def _walk(top: Path, model: str | None) -> list[str]:
+    """Relative names of the non-folder entries under ``top``, breadth first, each real folder once.
+
+    Down to MAX_DEPTH levels, and once a level holds a checkpoint folder (which the rule will pick
+    from that level), only two levels further: its tokenizer/ and tokenizer/tiktoken/ folders.
+    """
     seen: set[tuple[int, int]] = set()
     out: list[str] = []
-    level = [(top, "")]
-    for depth in range(max_depth + 1):
+    level, last = [(top, "")], MAX_DEPTH + 2
+    for depth in range(MAX_DEPTH + 3):
+        if depth > last:
+            break
         below = []
         for folder, rel in level:
             try:
@@ -235,21 +241,25 @@ def _walk(top: Path, max_depth: int) -> list[str]:
                 entries = sorted(os.scandir(folder), key=lambda e: e.name)
             except OSError:
                 continue
+            here = set()
             for entry in entries:
                 try:
                     is_dir = entry.is_dir()
                 except OSError:
                     is_dir = False
                 if not is_dir:
+                    here.add(entry.name)
                     out.append(rel + entry.name)
-                elif depth < max_depth and not entry.name.startswith("."):
+                elif not entry.name.startswith("."):
                     below.append((Path(entry.path), rel + entry.name + "/"))
+            if depth <= MAX_DEPTH and _holds_checkpoint(here, model):
+                last = min(last, depth + 2)
         level = below
     return out
 
 
 def _resolve_dir(path: Path, step: int | None, origin: str, model: str | None = None) -> CheckpointFiles:
-    root, subdir, names = list_folder(path)
+    root, subdir, names = list_folder(path, model)
     selection = select_checkpoint(names, origin, subdir, step, model)
     if selection is None:
         raise CheckpointError(
