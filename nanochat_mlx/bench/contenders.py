@@ -81,6 +81,7 @@ def ours(ckpt: Checkpoint, backend: str, dtype: str, quantize: int | None, sourc
     engine = Engine(model, ckpt.tokenizer)
     engine.stop_ids = set()  # random weights: decode a fixed number of tokens
     held = _mlx_bytes(model) if backend == "mlx" else 0
+    rss = backend == "torch" and engine.runner.device.startswith("cpu")
 
     def generate(prompt: list[int], n: int) -> Timing:
         base = _mlx_active_memory() if backend == "mlx" else None
@@ -98,6 +99,8 @@ def ours(ckpt: Checkpoint, backend: str, dtype: str, quantize: int | None, sourc
         peak = stats.peak_memory_bytes or None
         if peak and base is not None:  # other models share the process: count this one's weights only
             peak = peak - base + held
+        if rss:  # the process's peak RSS holds every contender loaded in it
+            peak = None
         return Timing(first, last, tokens, stats.ttft_s, stats.decode_tps if n > 1 else None, peak)
 
     return Contender("nanochat-mlx", backend, engine.runner.device, dtype, quantize, generate, cold, warm)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -42,8 +43,7 @@ class Row:
     threads: int
     roofline_decode_tps: float | None  # unquantized rows only
     trials: int
-    prefill_tps_range: tuple[float, float] = (0.0, 0.0)
-    decode_tps_range: tuple[float, float] = (0.0, 0.0)
+    per_trial: dict[str, list[float]] = field(default_factory=dict)  # prefill_tps, decode_tps, ... in trial order
     load_cold_s: float | None = None
     load_warm_s: float | None = None
     tokens: list[int] = field(default_factory=list)  # greedy tokens of the last trial
@@ -98,8 +98,21 @@ def _git_commit(repo: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown (not a git checkout)"
 
 
+def _paired(ours: Row, other: Row, key: str, invert: bool = False) -> str:
+    """Median and range of the per-trial ratios ours / other (trial i of both ran back to back)."""
+    pairs = zip(ours.per_trial.get(key) or [], other.per_trial.get(key.removeprefix("own_")) or [], strict=False)
+    ratios = sorted((b / a if invert else a / b) for a, b in pairs if a and b)
+    if not ratios:
+        return "-"
+    median = statistics.median(ratios)
+    return f"{median:.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else f"{median:.2f}x"
+
+
 def markdown(rows: list[Row], facts: dict[str, Any]) -> str:
-    """Machine facts, then ratios (ours / other, same dtype, quantization and prompt), then every row."""
+    """Machine facts, then ratios (ours / other, same dtype, quantization and prompt), then every row.
+
+    Ratios are paired: the median (and range) over trials of ours / other within the same trial, which
+    ran back to back, so load from elsewhere on the machine hits both sides of a pair alike."""
     out = [_facts_line(facts), ""]
     ratios = []
     for r in rows:
@@ -111,17 +124,17 @@ def markdown(rows: list[Row], facts: dict[str, Any]) -> str:
                 r.quantize,
                 r.prompt_tokens,
             ):
-                own = f"{r.own_decode_tps / o.decode_tps:.2f}x" if r.own_decode_tps else "-"
                 same = f"{100 * r.greedy_match:.0f}%" if r.greedy_match is not None and o.impl == "reference" else "-"
                 ratios.append(
                     f"| nanochat-mlx ({r.backend}) / {o.impl} ({o.backend}) | {r.dtype} | {r.quantize or '-'} "
-                    f"| {r.prompt_tokens} | {r.context} | {r.prefill_tps / o.prefill_tps:.2f}x "
-                    f"| **{r.decode_tps / o.decode_tps:.2f}x** | {own} | {o.ttft_s / r.ttft_s:.2f}x | {same} |"
+                    f"| {r.prompt_tokens} | {r.context} | {_paired(r, o, 'prefill_tps')} "
+                    f"| **{_paired(r, o, 'decode_tps')}** | {_paired(r, o, 'own_decode_tps')} "
+                    f"| {_paired(r, o, 'ttft_s', invert=True)} | {same} |"
                 )
     if ratios:
         out += [
-            "| ratio (higher = ours faster) | dtype | quant | prompt | ctx | prefill | decode | decode, our engine's "
-            "clock | TTFT | same greedy tokens |",
+            "| ratio (higher = ours faster; paired median, min-max) | dtype | quant | prompt | ctx | prefill | decode "
+            "| decode, our engine's clock | TTFT | same greedy tokens |",
             "|" + "---|" * 10,
             *ratios,
             "",
@@ -139,9 +152,10 @@ def markdown(rows: list[Row], facts: dict[str, Any]) -> str:
         )
         own = f"{r.own_decode_tps:.2f}" if r.own_decode_tps else "-"
         warm = f"{r.load_warm_s:.2f}" if r.load_warm_s is not None else "-"
+        decode = r.per_trial.get("decode_tps") or [r.decode_tps]
         out.append(
             f"| {r.impl} | {r.backend} | {r.dtype} | {r.quantize or '-'} | {r.prompt_tokens} | {r.context} "
-            f"| {r.prefill_tps:.1f} | {r.decode_tps:.2f} ({r.decode_tps_range[0]:.2f}-{r.decode_tps_range[1]:.2f}) "
+            f"| {r.prefill_tps:.1f} | {r.decode_tps:.2f} ({min(decode):.2f}-{max(decode):.2f}) "
             f"| {own} | {r.ttft_s:.2f} | {peak} | {weights} | {roof} | {r.load_cold_s or 0:.2f}/{warm} | {r.trials} |"
         )
     quality_rows = {(r.backend, r.dtype, r.quantize): r.quality for r in rows if r.quality}

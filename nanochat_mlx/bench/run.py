@@ -187,12 +187,16 @@ def _rows(
                 threads=threads,
                 roofline_decode_tps=roofline,
                 trials=len(trials),
-                prefill_tps_range=(min(pre), max(pre)),
-                decode_tps_range=(min(dec), max(dec)),
+                per_trial={
+                    "prefill_tps": pre,
+                    "decode_tps": dec,
+                    "own_decode_tps": [t.own_decode_tps for t in trials],
+                    "ttft_s": [t.ttft_s for t in trials],
+                },
                 load_cold_s=c.load_cold_s,
                 load_warm_s=c.load_warm_s,
                 tokens=trials[-1].tokens,
-            )  # fmt: skip
+            )
         )
     return rows
 
