@@ -50,9 +50,9 @@ def measure(c: cs.Contender, prompt: list[int], n: int) -> Trial:
     """One trial: a one-token run, then an n-token run."""
     one = c.generate(prompt, 1)
     full = c.generate(prompt, n)
-    # T1: the one-token run, or the n-token run's first token where that came sooner (an engine that
-    # does not overlap steps shows T1 there too); so Tn > T1 and decode is n - 1 steps or fewer.
-    t1 = min(one.first_s, full.first_s)
+    # Tn - T1 is n - 1 decode steps for any engine. Only where noise swamps a tiny model's decode
+    # (Tn <= T1) fall back to the n-token run's own first-to-last span.
+    t1 = one.first_s if full.last_s > one.first_s else full.first_s
     decode = (n - 1) / (full.last_s - t1) if n > 1 else 0.0
     peaks = [t.peak_memory_bytes for t in (one, full) if t.peak_memory_bytes]
     return Trial(full.first_s, len(prompt) / one.first_s, decode, full.own_decode_tps, max(peaks, default=None),
