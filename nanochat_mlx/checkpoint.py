@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 GEOMETRY_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
 MAX_SEQUENCE_LEN = 1 << 17  # 131072 positions of training context; rotary tables cover 10x that
+MAX_WINDOW_PATTERN = 256  # characters: the pattern tiles over the layers, so only its length is bounded
 # model_config fields as transformers' / mlx-lm's config.json names them
 _CONFIG_JSON_KEYS = {
     "sequence_len": "max_position_embeddings",
@@ -155,7 +156,7 @@ def _model_config(
             f"{path}: {label('sequence_len')} {values['sequence_len']} is above the limit of {MAX_SEQUENCE_LEN}"
         )
     pattern = values.get("window_pattern", "L")
-    if not isinstance(pattern, str) or len(pattern) > values["n_layer"]:
+    if not isinstance(pattern, str) or len(pattern) > MAX_WINDOW_PATTERN:
         raise CheckpointError(f"{path}: {label('window_pattern')} must be a string of S and L, not {shown(pattern)}")
     padded = _padded_rows(weights, path)
     try:

@@ -106,15 +106,26 @@ class LoadedModel:
 
 def load_model(options: LoadOptions, progress: ProgressCallback | None = None) -> LoadedModel:
     """Load ``options.source`` on its backend; ``progress`` hears each stage as it starts."""
-    from .backends import build_model, pick_backend
+    from .backends import pick_backend
 
     report = progress or (lambda p: None)
     start = time.perf_counter()
-    backend = pick_backend(options.backend)  # refuse an unusable backend before reading anything
+    pick_backend(options.backend)  # refuse an unusable backend before reading anything
     report(Progress("checkpoint", STAGES["checkpoint"]))
     ckpt = read_checkpoint(options.source, step=options.step, arch=options.arch)
+    return from_checkpoint(ckpt, options, report, start)
+
+
+def from_checkpoint(
+    ckpt: Checkpoint, options: LoadOptions, progress: ProgressCallback | None = None, start: float | None = None
+) -> LoadedModel:
+    """Build the model and engine for a checkpoint already read (``options.source`` is not re-read)."""
+    from .backends import build_model, pick_backend
+
+    report = progress or (lambda p: None)
+    start = time.perf_counter() if start is None else start
     report(Progress("model", STAGES["model"]))
-    model = build_model(ckpt, backend, dtype=options.dtype, quantize=options.quantize)
+    model = build_model(ckpt, pick_backend(options.backend), dtype=options.dtype, quantize=options.quantize)
     report(Progress("engine", STAGES["engine"]))
     engine = Engine(model, ckpt.tokenizer)
     return LoadedModel(options, ckpt, model, engine, time.perf_counter() - start)
