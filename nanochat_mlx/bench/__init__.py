@@ -31,13 +31,15 @@ def _split(values: list[str] | None) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nanochat-mlx bench", description=__doc__.splitlines()[0])
+    from ..cli import Parser
+
+    p = Parser(prog="nanochat-mlx bench", description=__doc__.splitlines()[0].replace("``", ""))
     src = p.add_mutually_exclusive_group()
     src.add_argument("--source", help="checkpoint to benchmark (any source nanochat-mlx loads)")
     src.add_argument("--geometry", help="random weights with nanochat's shapes: d12, d20, d32 (default d12)")
-    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the highest)")
     p.add_argument("--arch", default=None, help="generation g1..g9 (geometry default g9; source: detected)")
-    p.add_argument("--backend", default="mlx", choices=("mlx", "torch", "all"))
+    p.add_argument("--backend", default="mlx", choices=("mlx", "torch", "all"), help="which backend(s) to run")
     p.add_argument("--dtype", action="append", help="float32, bfloat16, float16 (repeat or comma-separate)")
     p.add_argument("--quantize", action="append", help="4 or 8 (repeat or comma-separate; 'none' = unquantized)")
     p.add_argument("--compare", action="append", help="mlx-lm, reference or all (repeat or comma-separate)")
