@@ -131,15 +131,20 @@ def worker(gen: str, out: Path) -> None:
     (out / "steps.json").write_text(json.dumps(run, indent=2) + "\n")
 
 
+def extract(gen: str, mirror: Path, dest: Path) -> Path:
+    """Extract the ``nanochat`` package of ``gen``'s commit from the mirror into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(mirror), "archive", COMMITS[gen], "nanochat"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
 def run_generation(gen: str, mirror: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        tree, base = Path(tmp) / "tree", Path(tmp) / "base"
-        tree.mkdir()
+        tree, base = extract(gen, mirror, Path(tmp) / "tree"), Path(tmp) / "base"
         base.mkdir()
-        archive = subprocess.run(
-            ["git", "-C", str(mirror), "archive", COMMITS[gen], "nanochat"], check=True, capture_output=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
         (base / "tokenizer").symlink_to(FIXTURES / gen / "tokenizer")
         env = dict(os.environ, PYTHONPATH=str(tree), NANOCHAT_BASE_DIR=str(base), TORCHDYNAMO_DISABLE="1")
         subprocess.run(

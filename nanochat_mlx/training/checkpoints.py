@@ -104,7 +104,7 @@ def _archive(path: Path, pkl: bytes, arrays: list[np.ndarray]) -> None:
 
 def write_pt(path: str | Path, tensors: dict[str, np.ndarray]) -> None:
     """Write ``{name: numpy array}`` as ``torch.save(state_dict)`` would (float32/bf16/fp16/int32/int64)."""
-    arrays = [np.ascontiguousarray(array) for array in tensors.values()]
+    arrays = [np.require(array, requirements="C") for array in tensors.values()]  # keeps 0-d arrays 0-d
     items = [_string(name) + _tensor(key, array) for key, (name, array) in enumerate(zip(tensors, arrays, strict=True))]
     pkl = pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + pickle.MARK + b"".join(items) + pickle.SETITEMS + pickle.STOP
     _archive(Path(path), pkl, arrays)
@@ -112,7 +112,7 @@ def write_pt(path: str | Path, tensors: dict[str, np.ndarray]) -> None:
 
 def write_pt_tensor(path: str | Path, array: np.ndarray) -> None:
     """Write one tensor as ``torch.save(tensor)`` would (``token_bytes.pt`` holds one)."""
-    array = np.ascontiguousarray(array)
+    array = np.require(array, requirements="C")
     _archive(Path(path), pickle.PROTO + b"\x02" + _tensor(0, array) + pickle.STOP, [array])
 
 

@@ -59,10 +59,9 @@ def reference_groups(
     (``scripts/chat_sft.py``).
     """
     scale = (n_embd / 768) ** -0.5  # AdamW lrs tuned at width 768, scaled as 1/sqrt(width)
-    present = [name for name in shapes]
 
     def named(match) -> list[str]:
-        return [name for name in present if match(name)]
+        return [name for name in shapes if match(name)]
 
     groups = [
         ParamGroup("adamw", ["lm_head.weight"], unembedding_lr * scale, 0.01, (0.8, 0.96)),
