@@ -19,6 +19,7 @@ from test_training_grads import BACKENDS, expected
 
 import nanochat_mlx as nc
 from nanochat_mlx import training
+from nanochat_mlx.errors import NanochatError
 from nanochat_mlx.ptfile import read_pt
 from nanochat_mlx.tokenizer import Tokenizer
 from nanochat_mlx.training.checkpoints import write_pt, write_tokenizer
@@ -163,3 +164,10 @@ def test_reference_build_model_loads_a_saved_checkpoint(tmp_path, gen):
     script = BUILD_MODEL.format(ids=IDS)
     subprocess.run([sys.executable, "-c", script, str(ckpt), "5", str(out)], env=env, check=True, capture_output=True)
     assert np.abs(np.load(out) - logits(model)).max() <= 1e-4
+
+
+def test_unwritable_folder_is_one_clear_error(tmp_path):
+    model, tokenizer = nc.load(str(FIXTURES / "g1"), dtype="float32")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(NanochatError, match="cannot write the checkpoint"):
+        training.save_checkpoint(tmp_path / "file" / "ckpt", 1, model, tokenizer)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import struct
@@ -88,8 +89,9 @@ def _member(zf: zipfile.ZipFile, name: str, data: bytes | memoryview) -> None:
 
 
 def _archive(path: Path, pkl: bytes, arrays: list[np.ndarray]) -> None:
-    root = path.stem
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+    """The zip, written beside ``path`` and renamed into place (no half-written checkpoint)."""
+    root, partial = path.stem, path.with_name(path.name + ".partial")
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as zf:
         _member(zf, f"{root}/data.pkl", pkl)
         _member(zf, f"{root}/.format_version", b"1")
         _member(zf, f"{root}/.storage_alignment", str(ALIGNMENT).encode())
@@ -100,6 +102,7 @@ def _archive(path: Path, pkl: bytes, arrays: list[np.ndarray]) -> None:
         # torch writes a random 40-digit id; a digest of the content keeps our files reproducible.
         digest = int.from_bytes(hashlib.sha256(pkl).digest()[:16], "little") % 10**40
         _member(zf, f"{root}/.data/serialization_id", f"{digest:040d}".encode())
+    os.replace(partial, path)
 
 
 def write_pt(path: str | Path, tensors: dict[str, np.ndarray]) -> None:
@@ -168,14 +171,17 @@ def save_checkpoint(
     from . import state_dict
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_pt(directory / f"model_{step:06d}.pt", state_dict(model))
     meta = {
         "step": step,
         "val_bpb": val_bpb,
         "model_config": meta_model_config(model),
         "user_config": user_config or {},
     }
-    (directory / f"meta_{step:06d}.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    write_tokenizer(directory / "tokenizer", tokenizer)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_pt(directory / f"model_{step:06d}.pt", state_dict(model))
+        (directory / f"meta_{step:06d}.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_tokenizer(directory / "tokenizer", tokenizer)
+    except OSError as e:
+        raise NanochatError(f"{directory}: cannot write the checkpoint ({e})") from None
     return directory
