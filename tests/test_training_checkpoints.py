@@ -153,7 +153,7 @@ with torch.no_grad():
 
 @needs_torch
 @pytest.mark.skipif(not MIRROR.is_dir(), reason=f"the reference's git mirror is not at {MIRROR}")
-@pytest.mark.parametrize("gen", ["g1", "g9"])
+@pytest.mark.parametrize("gen", ["g1", "g4", "g9"])
 def test_reference_build_model_loads_a_saved_checkpoint(tmp_path, gen):
     model, tokenizer = trained(gen)
     ckpt = training.save_checkpoint(tmp_path / "ckpt", 5, model, tokenizer)

@@ -16,6 +16,7 @@ from test_training_grads import BACKENDS, GENERATIONS, expected
 import nanochat_mlx as nc
 from nanochat_mlx import training
 from nanochat_mlx.checkpoint import read_checkpoint
+from nanochat_mlx.errors import NanochatError
 
 RUN = json.loads((FIXTURES / "training" / "g9" / "steps.json").read_text())
 
@@ -104,3 +105,20 @@ def test_a_step_changes_what_the_model_computes(backend):
     before = training.train_step(model, optimizer, inputs, targets)
     after, _ = training.loss_and_grads(model, inputs, targets)
     assert after < before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_is_a_snapshot(backend):
+    model, optimizer = start(backend)
+    before = training.state_dict(model)
+    kept = {name: w.copy() for name, w in before.items()}
+    _, _, inputs, targets = expected("g9")
+    training.train_step(model, optimizer, inputs, targets)
+    assert all(np.array_equal(before[n], kept[n]) for n in kept)
+    assert not np.array_equal(training.state_dict(model)["lm_head.weight"], kept["lm_head.weight"])
+
+
+def test_quantized_models_are_refused():
+    model, _ = nc.load(str(FIXTURES / "g9"), quantize=4)
+    with pytest.raises(NanochatError, match="cannot train a quantized model"):
+        training.reference_optimizer(model, 0.004, 0.3, 0.02, 0.0)

@@ -52,7 +52,8 @@ def from_numpy(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().float().cpu().numpy()
+    """A float32 copy (``.numpy()`` alone would share memory with a CPU model's live weights)."""
+    return np.array(tensor.detach().float().cpu().numpy())
 
 
 def _norm(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
