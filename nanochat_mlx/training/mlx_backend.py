@@ -35,7 +35,7 @@ def loss_and_grads(model: nn.Module, inputs: np.ndarray, targets: np.ndarray) ->
 
 
 def from_numpy(array: np.ndarray, like: mx.array) -> mx.array:
-    return mx.array(array).astype(like.dtype)
+    return mx.array(np.asarray(array, dtype=np.float32)).astype(like.dtype)
 
 
 def to_numpy(array: mx.array) -> np.ndarray:

@@ -23,8 +23,7 @@ def parameters(model: TorchGPT) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def assign(model: TorchGPT, params: dict[str, torch.Tensor]) -> None:
     for name, view in parameters(model).items():
-        if params[name] is not view:
-            view.copy_(params[name])
+        view.copy_(params[name])
 
 
 def loss_and_grads(model: TorchGPT, inputs: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, dict]:
@@ -48,7 +47,7 @@ def loss_and_grads(model: TorchGPT, inputs: np.ndarray, targets: np.ndarray) -> 
 
 
 def from_numpy(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(array)).to(device=like.device, dtype=like.dtype)
+    return torch.tensor(np.asarray(array, dtype=np.float32)).to(device=like.device, dtype=like.dtype)
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
