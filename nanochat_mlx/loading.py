@@ -22,7 +22,7 @@ from .tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class Progress:
-    """A load stage starting (``done``/``total`` count bytes while files download)."""
+    """A load stage starting, or a download advancing (``done``/``total`` count its bytes)."""
 
     stage: str  # "checkpoint", "model" or "engine"
     message: str
@@ -112,7 +112,14 @@ def load_model(options: LoadOptions, progress: ProgressCallback | None = None) -
     start = time.perf_counter()
     pick_backend(options.backend)  # refuse an unusable backend before reading anything
     report(Progress("checkpoint", STAGES["checkpoint"]))
-    ckpt = read_checkpoint(options.source, step=options.step, arch=options.arch)
+
+    def downloading(name: str, done: int, total: int) -> None:
+        report(Progress("checkpoint", f"Downloading {name}", done, total))
+
+    # Without a listener the Hub's own progress bars go to stderr (the CLI's default).
+    ckpt = read_checkpoint(
+        options.source, step=options.step, arch=options.arch, progress=downloading if progress else None
+    )
     return from_checkpoint(ckpt, options, report, start)
 
 

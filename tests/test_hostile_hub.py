@@ -192,3 +192,26 @@ def test_download_fetches_only_the_selected_files_then_uses_the_cache(fake_hub: 
     fake_hub.requests.clear()
     second = load()
     assert second == {"weights": ["model_000200.pt"], "progress": []} and fake_hub.requests == []
+
+
+LOAD_MODEL_WITH_PROGRESS = """
+import json
+from nanochat_mlx.loading import load_model
+from nanochat_mlx.options import LoadOptions
+events = []
+listen = lambda p: events.append([p.stage, p.message, p.done, p.total])
+load_model(LoadOptions("hf:owner/remote", backend="mlx"), progress=listen)
+print(json.dumps(events))
+"""
+
+
+def test_load_model_reports_download_bytes_through_its_progress_callback(fake_hub: FakeHub, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(PYTHONPATH=str(ROOT), HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=fake_hub.url)
+    out = subprocess.run([sys.executable, "-c", LOAD_MODEL_WITH_PROGRESS], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    events = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [e[0] for e in events][0] == "checkpoint" and [e[0] for e in events][-2:] == ["model", "engine"]
+    size = (fake_hub.folder / "model_000200.pt").stat().st_size
+    assert ["checkpoint", "Downloading model_000200.pt", size, size] in events
+    assert "model_000200" not in out.stderr  # no stderr bars when a listener is given
