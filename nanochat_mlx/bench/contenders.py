@@ -195,6 +195,8 @@ def reference(repo: Path, checkpoint: Path, step: int, dtype: str, threads: int)
             log.seek(0)
             tail = " | ".join(log.read().strip().splitlines()[-3:])
             why = message.get("error") or f"exited with status {proc.returncode}"
+            if "ModuleNotFoundError" in why:
+                why += " (its inference modules need: pip install 'nanochat-mlx[reference]')"
             raise NanochatError(f"reference worker ({repo}): {why}{f' [{tail}]' if tail else ''}")
         return message
 
