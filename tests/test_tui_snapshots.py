@@ -13,22 +13,30 @@ from conftest import FIXTURES  # noqa: E402
 
 from nanochat_mlx import SamplingParams  # noqa: E402
 from tui.app import NanochatApp  # noqa: E402
-from tui.loader import LoadOptions  # noqa: E402
+from nanochat_mlx.options import LoadOptions  # noqa: E402
+from nanochat_mlx.session import Turn  # noqa: E402
 from tui.screens import ChatScreen, ErrorScreen  # noqa: E402
 from tui.storage import Conversation  # noqa: E402
 
 SIZE = (110, 36)
 SOURCE = str(FIXTURES / "g9")
 
-REPLY = """Sure! Here is a small Python function that greets someone:
+REPLY = [
+    {
+        "type": "text",
+        "text": """Sure! Here is a small Python function that greets someone:
 
 ```python
 def greet(name: str) -> str:
     return f"Hello, {name}!"
 ```
 
-Call it with `greet("Ada")`. And the sum you asked for: \
-<|python_start|>21+21<|python_end|><|output_start|>42<|output_end|> so the answer is **42**."""
+Call it with `greet("Ada")`. And the sum you asked for: """,
+    },
+    {"type": "python", "text": "21+21"},
+    {"type": "python_output", "text": "42"},
+    {"type": "text", "text": " so the answer is **42**."},
+]
 
 CONVERSATION = Conversation(
     id="snapshot",
@@ -36,8 +44,8 @@ CONVERSATION = Conversation(
     source=SOURCE,
     generation="g9",
     turns=[
-        {"user": "Write a greet function in Python, and what is 21+21?", "reply": REPLY},
-        {"user": "Thanks! One more thing…", "reply": "Of course, happy to help", "stopped": True},
+        Turn("Write a greet function in Python, and what is 21+21?", REPLY),
+        Turn("Thanks! One more thing…", [{"type": "text", "text": "Of course, happy to help"}], stopped=True),
     ],
 )
 
