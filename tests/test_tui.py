@@ -16,10 +16,10 @@ from conftest import FIXTURES  # noqa: E402
 
 import nanochat_mlx as nc  # noqa: E402
 from nanochat_mlx import engine as engine_module  # noqa: E402
-from tui import storage  # noqa: E402
-from tui.app import NanochatApp  # noqa: E402
 from nanochat_mlx.options import LoadOptions  # noqa: E402
 from nanochat_mlx.session import Turn  # noqa: E402
+from tui import storage  # noqa: E402
+from tui.app import NanochatApp  # noqa: E402
 from tui.reply import plain_text, sanitize, segments  # noqa: E402
 from tui.screens import ChatScreen, ConversationsScreen, ErrorScreen, HelpScreen, SettingsScreen  # noqa: E402
 from tui.widgets import AssistantMessage, PromptInput, ToolCallView, UserMessage  # noqa: E402

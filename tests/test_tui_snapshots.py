@@ -12,9 +12,9 @@ pytest.importorskip("pytest_textual_snapshot")
 from conftest import FIXTURES  # noqa: E402
 
 from nanochat_mlx import SamplingParams  # noqa: E402
-from tui.app import NanochatApp  # noqa: E402
 from nanochat_mlx.options import LoadOptions  # noqa: E402
 from nanochat_mlx.session import Turn  # noqa: E402
+from tui.app import NanochatApp  # noqa: E402
 from tui.screens import ChatScreen, ErrorScreen  # noqa: E402
 from tui.storage import Conversation  # noqa: E402
 
