@@ -39,6 +39,7 @@ class NanochatApp(App[int]):
     """Chat with a nanochat model in the terminal."""
 
     CSS_PATH = "app.tcss"
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (32, "-tall")]  # screens get the class; app.tcss compacts -short
     TITLE = "nanochat-mlx"
     BINDINGS = [
         Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="Quit (the chat is already saved)"),

@@ -105,7 +105,7 @@ class ChatScreen(Screen):
     def _welcome(self) -> Static:
         m = self.model
         text = Text()
-        text.append(f"◆ {m.name}", "bold").append(f"   generation {m.generation}\n", "bold")
+        text.append(f"◆ {m.name} · generation {m.generation}\n", "bold")
         text.append(f"{format_count(m.n_params)} parameters · {m.backend} · {m.device} · {m.precision} · ")
         text.append(f"context {m.context_limit} tokens")
         text.append(f" · loaded in {m.seconds:.1f} s\n" if self.show_timing else "\n")
@@ -123,7 +123,8 @@ class ChatScreen(Screen):
 
     def on_mount(self) -> None:
         status = self.query_one(StatusBar)
-        status.set_model(self.model.name, self.model.generation, self.model.backend, self.model.precision)
+        m = self.model
+        status.set_model(m.name, m.generation, f"{m.backend} · {m.device}", m.precision)
         status.set_stats(None)
         status.set_state("")
         self._update_context()

@@ -76,7 +76,7 @@ class StatusBar(Widget):
             component = STYLED.get(key)
             if key == "context" and self.context_warn:
                 component = "status--warn"
-            style = self.get_component_rich_style(component, partial=True) if component else ""
+            style = self.get_component_rich_style(component) if component else ""
             line.append(" " if i else "")
             line.append(f" {self.facts[key]} ", style)
         return line
