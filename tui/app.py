@@ -173,7 +173,7 @@ class NanochatApp(App[int]):
         self.model_thread.shutdown()
 
 
-EXIT_GRACE_S = 1.0  # how long quitting waits for the model thread to notice a stop
+EXIT_GRACE_S = 0.5  # how long quitting waits for the model thread to notice a stop
 
 
 def run_tui(options: LoadOptions, *, params: SamplingParams, system: str | None = None, debug: bool = False) -> int:

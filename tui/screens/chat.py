@@ -278,7 +278,7 @@ class ChatScreen(Screen):
             self.notify(notice, severity="warning", timeout=8)
         await message.view.add(message.pieces, message.calls)
         stats = message.stats
-        if stats is not None and self.generating:
+        if stats is not None and self.generating and not self._cancel.is_set():
             status = self.query_one(StatusBar)
             status.set_stats(stats)
             if stats.generated_tokens == 0 and stats.prefill_tokens:
@@ -306,7 +306,7 @@ class ChatScreen(Screen):
         if stats is None:
             return ""
         parts = [f"{stats.generated_tokens} tokens"]
-        if self.show_timing:
+        if self.show_timing and stats.generated_tokens:
             parts += [f"{stats.decode_tps:.1f} tok/s", f"ttft {stats.ttft_s * 1000:.0f} ms"]
         if stats.stopped == "max_tokens":
             parts.append("max tokens reached")
@@ -318,6 +318,7 @@ class ChatScreen(Screen):
         """Esc or Ctrl+C: stop the reply; the model thread sees the flag at its next event (prefill included)."""
         if self.generating:
             self._cancel.set()
+            self.query_one(StatusBar).set_state("■ stopping…")
 
     def cancel_generation(self) -> None:
         """Quitting: stop the reply and save what there is (its user message is already saved)."""
