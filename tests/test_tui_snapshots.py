@@ -93,6 +93,29 @@ def test_main_screen(snap_compare, size):
 
 
 @SIZES
+def test_long_chat_marks_where_the_model_view_begins(snap_compare, size):
+    """The transcript keeps every turn; a line marks the first one the model still sees."""
+    long = "please tell me all about the weather in the mountains today " * 2
+    turns = [Turn(f"{i}: {long}", [{"type": "text", "text": "ok"}]) for i in range(12)]
+
+    async def run_before(pilot) -> None:
+        chat = await chat_ready(pilot)
+        await chat.open_conversation(Conversation(id="long", source=SOURCE, turns=turns), announce=False)
+        chat.query_one("#prompt").load_text("and now?")
+        await pilot.press("enter")
+
+        def replied() -> bool:
+            replies = chat.query("AssistantMessage")
+            return len(replies) == 13 and replies.last().finished and not chat.generating
+
+        await until(pilot, replied)
+        chat.query_one(".context-start").scroll_visible(animate=False, top=True)
+        await pilot.pause()
+
+    assert snap_compare(make_app(), terminal_size=size, run_before=run_before)
+
+
+@SIZES
 def test_welcome_screen(snap_compare, size):
     async def run_before(pilot) -> None:
         await chat_ready(pilot)

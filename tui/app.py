@@ -131,7 +131,6 @@ class NanochatApp(App[int]):
             ("Click a code block", "Copy that code block"),
             (key_label(self.COMMAND_PALETTE_BINDING), "Command palette: every command, themes, screenshots"),
             ("Tab / Shift+Tab", "Move focus"),
-            ("Ctrl+C", "Stop the reply in progress; else copy the selected text"),
         ]
         for binding in self.BINDINGS:
             rows.append((key_label(binding.key), binding.tooltip or binding.description))

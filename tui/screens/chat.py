@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 FLUSH_INTERVAL_S = 1 / 30  # at most this often the model thread sends text to the UI
 # Commands that change the conversation and so must wait for the reply in progress.
 _EDITS = {"clear", "regen", "undo", "system", "load"}
-CONTEXT_START = "▲ the model no longer sees the turns above (they stay here and in the saved chat)"
+CONTEXT_START = "▲ the model no longer sees the turns above (they stay in the saved chat)"
 
 
 class ChatScreen(Screen):
@@ -47,7 +47,7 @@ class ChatScreen(Screen):
 
     BINDINGS = [
         Binding("escape", "stop", "Stop", tooltip="Stop the reply in progress (the partial reply stays)"),
-        Binding("ctrl+c", "stop", "Stop", show=False, priority=True, tooltip="Stop the reply in progress"),
+        Binding("ctrl+c", "stop", "Stop", show=False, priority=True, tooltip="Stop the reply; else copy the selection"),
         Binding("ctrl+n", "new_chat", "New", tooltip="Start a new chat (the current one stays saved)"),
         Binding("ctrl+r", "regenerate", "Regen", tooltip="Regenerate the last reply"),
         Binding("ctrl+o", "conversations", "Chats", tooltip="Reopen or delete a saved chat"),
@@ -64,7 +64,7 @@ class ChatScreen(Screen):
         pieces: list[Piece]
         calls: list[ToolCall]
         notices: list[str]
-        stats: GenerationStats | None = field(default=None)
+        stats: GenerationStats | None = None
 
     @dataclass
     class ReplyDone(Message):
@@ -156,9 +156,9 @@ class ChatScreen(Screen):
     # --- input ---------------------------------------------------------------------------------
     def on_key(self, event: events.Key) -> None:
         """A printable key that reached the screen (the transcript had focus, after a click): type it."""
-        prompt = self.query_one(PromptInput)
         if event.is_printable and event.character and not isinstance(self.focused, (Input, TextArea)):
             event.stop()
+            prompt = self.query_one(PromptInput)
             prompt.focus()
             prompt.insert(event.character)
 
