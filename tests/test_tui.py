@@ -458,7 +458,7 @@ async def test_stop_and_quit_act_at_once_during_prefill_and_the_message_is_saved
         began = time.monotonic()
         await pilot.press("ctrl+c")
         await wait_for(pilot, lambda: not chat.generating, timeout=5)
-        assert time.monotonic() - began < 1.0
+        assert time.monotonic() - began < 1.5  # about a second, with room for a busy CI machine
         turn = chat.session.turns[-1]
         assert turn.stopped and turn.reply_tokens == []
         assert isinstance(app.screen, ChatScreen)  # Ctrl+C stopped the reply; it didn't offer to quit
@@ -468,7 +468,7 @@ async def test_stop_and_quit_act_at_once_during_prefill_and_the_message_is_saved
         began = time.monotonic()
         await pilot.press("ctrl+q")
         await wait_for(pilot, lambda: app.return_code is not None, timeout=5)
-        assert time.monotonic() - began < 1.0
+        assert time.monotonic() - began < 1.5  # about a second, with room for a busy CI machine
     assert app.return_code == 0
     turns = saved(data_home)[0]["turns"]
     assert [t["user"] for t in turns] == [message, message] and turns[-1]["stopped"] is True
@@ -705,3 +705,17 @@ async def test_backend_tip_when_mlx_runs_on_a_cpu_without_torch(data_home, monke
         chat = await ready(pilot)
         welcome = str(chat.query_one("#welcome").render())
         assert welcome.count("tip: MLX runs on the CPU") == 1
+
+
+async def test_a_message_too_long_for_the_context_is_refused_and_stays_in_the_prompt(data_home):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        text = "far too long for a context of 640 tokens " * 40
+        chat.query_one(PromptInput).load_text(text)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert notices(app, "message too long")
+        assert chat.session.turns == [] and not chat.generating
+        assert chat.query_one(PromptInput).text == text
+    assert not (data_home / "conversations").exists()
