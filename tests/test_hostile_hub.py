@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -12,13 +11,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 from conftest import ROOT, variant_dir
 from craft import assert_clean_failure, run_cli
+from hubserver import FakeHub
 from test_sources import REPO, build_hf_cache
 
 
@@ -92,60 +90,6 @@ def test_uncached_repo_offline_fails_with_one_line(unreachable_hub: dict[str, st
 
 
 # --- a stand-in Hub on a local port: only the selected files travel --------------------------
-
-HUB_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
-
-
-class FakeHub(ThreadingHTTPServer):
-    """Serves one repo (``owner/remote``) from a folder, as the Hub's API and resolve URLs do."""
-
-    def __init__(self, folder: Path) -> None:
-        super().__init__(("127.0.0.1", 0), _HubHandler)
-        self.folder = folder
-        self.requests: list[str] = []
-        self.daemon_threads = True
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _HubHandler(BaseHTTPRequestHandler):
-    server: FakeHub
-
-    def log_message(self, *_args: object) -> None:
-        pass
-
-    def do_HEAD(self) -> None:
-        self._answer(body=False)
-
-    def do_GET(self) -> None:
-        self._answer(body=True)
-
-    def _answer(self, body: bool) -> None:
-        self.server.requests.append(f"{self.command} {self.path}")
-        path = urlparse(self.path).path
-        files = sorted(p for p in self.server.folder.rglob("*") if p.is_file())
-        if path.startswith("/api/models/owner/remote/tree/"):
-            listing = [
-                {"type": "file", "path": str(p.relative_to(self.server.folder)), "size": p.stat().st_size, "oid": "0"}
-                for p in files
-            ]
-            return self._send(json.dumps(listing).encode(), {"Content-Type": "application/json"}, body)
-        prefix = "/owner/remote/resolve/main/"
-        if path.startswith(prefix) and (self.server.folder / path[len(prefix) :]).is_file():
-            data = (self.server.folder / path[len(prefix) :]).read_bytes()
-            etag = hashlib.sha1(data).hexdigest()
-            return self._send(data, {"X-Repo-Commit": HUB_COMMIT, "ETag": f'"{etag}"'}, body)
-        self._send(b"{}", {}, body, status=200 if path == "/" else 404)
-
-    def _send(self, data: bytes, headers: dict[str, str], body: bool, status: int = 200) -> None:
-        self.send_response(status)
-        for key, value in {**headers, "Content-Length": str(len(data))}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
 
 
 @pytest.fixture

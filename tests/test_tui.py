@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 pytest.importorskip("textual")
 
 from conftest import FIXTURES  # noqa: E402
+from hubserver import FakeHub  # noqa: E402
 
 import nanochat_mlx as nc  # noqa: E402
 from nanochat_mlx import engine as engine_module  # noqa: E402
@@ -475,7 +478,7 @@ async def test_stop_and_quit_act_at_once_during_prefill_and_the_message_is_saved
 
 
 def terminal_run(
-    args: list[str], tmp_path: Path, ready_text: bytes, keys: bytes, size=(80, 24)
+    args: list[str], tmp_path: Path, ready_text: bytes, keys: bytes, size=(80, 24), env: dict | None = None
 ) -> tuple[int, str, float]:
     """Run ``nanochat-mlx tui ARGS`` in a pseudo-terminal; once ``ready_text`` is on screen, type
     ``keys``. Returns the exit status, everything it wrote, and seconds from the keys to the exit."""
@@ -489,7 +492,8 @@ def terminal_run(
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80x24
-    env = {**os.environ, "TERM": "xterm-256color", "XDG_DATA_HOME": str(tmp_path / "data"), "COLUMNS": "", "LINES": ""}
+    env = {**os.environ, "TERM": "xterm-256color", "XDG_DATA_HOME": str(tmp_path / "data"), "COLUMNS": "", "LINES": "",
+           **(env or {})}  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanochat_mlx.cli", "tui", *args],
         stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
@@ -522,18 +526,25 @@ def terminal_run(
     return proc.returncode, out.decode("utf-8", "replace"), time.monotonic() - sent_at
 
 
-def test_ctrl_q_quits_at_once_while_a_load_cannot_finish(tmp_path):
-    """Item 2: the model thread never holds up quitting (here it blocks reading a FIFO, as a download
-    retrying would); no blank wait, no threading traceback."""
-    source = tmp_path / "stuck"
-    source.mkdir()
+def test_ctrl_q_quits_at_once_while_a_download_hangs(tmp_path):
+    """Item 2: the model thread never holds up quitting (here it waits on a Hub download that never
+    finishes); no blank wait, no threading traceback."""
+    repo = tmp_path / "remote"
+    repo.mkdir()
     for f in (FIXTURES / "g9").iterdir():
-        if f.name != "expected" and not f.name.startswith("meta_"):
-            (source / f.name).symlink_to(f)
-    os.mkfifo(source / "meta_000500.json")  # reading it blocks until a writer comes, which never does
-    code, out, seconds = terminal_run(
-        ["--source", str(source), "--backend", "mlx"], tmp_path, b"Find and read", b"\x11"
-    )
+        if f.is_file():
+            shutil.copy(f, repo)
+    shutil.copy(FIXTURES / "g9" / "tokenizer" / "tokenizer.pkl", repo)
+    hub = FakeHub(repo, stall="model_000500.pt")
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+    try:
+        code, out, seconds = terminal_run(
+            ["--source", "hf:owner/remote", "--backend", "mlx"], tmp_path, b"Find and read", b"\x11", env=env
+        )
+    finally:
+        hub.shutdown()
+    assert any("model_000500.pt" in r for r in hub.requests)  # the download had started
     assert seconds < 3.0
     assert "Traceback" not in out and "Exception" not in out
     assert code == 0
