@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
-import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ArchSpec, ModelConfig, get_spec
 from .errors import CheckpointError
+from .fileio import read_json, shown
 from .sources import CheckpointFiles, resolve
 from .tokenizer import Tokenizer
 from .weights import Detection, Weights, canonicalize, detect_generation, read_tensors, validate
+
+if TYPE_CHECKING:
+    from .hub import Progress
+
+GEOMETRY_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+MAX_SEQUENCE_LEN = 1 << 17  # 131072 positions of training context; rotary tables cover 10x that
+MAX_WINDOW_PATTERN = 256  # characters: the pattern tiles over the layers, so only its length is bounded
+# model_config fields as transformers' / mlx-lm's config.json names them
+_CONFIG_JSON_KEYS = {
+    "sequence_len": "max_position_embeddings",
+    "vocab_size": "vocab_size",
+    "n_layer": "num_hidden_layers",
+    "n_head": "num_attention_heads",
+    "n_kv_head": "num_key_value_heads",
+    "n_embd": "hidden_size",
+    "window_pattern": "window_pattern",
+}
+_LAYER = re.compile(r"^transformer\.h\.(\d+)\.")
 
 
 @dataclass
@@ -38,9 +57,14 @@ class Checkpoint:
         return sum(int(w.size) for w in self.weights.values())
 
 
-def read_checkpoint(source: str, step: int | None = None, arch: str | None = None) -> Checkpoint:
-    """Resolve ``source``, read and validate its weights, and decide its generation."""
-    files = resolve(source, step)
+def read_checkpoint(
+    source: str, step: int | None = None, arch: str | None = None, *, progress: Progress | None = None
+) -> Checkpoint:
+    """Resolve ``source``, read and validate its weights, and decide its generation.
+
+    ``progress(file, done, total)`` reports Hub downloads (default: huggingface_hub's bars on stderr).
+    """
+    files = resolve(source, step, progress=progress)
     tokenizer = _load_tokenizer(files.tokenizer)
     raw = read_tensors(files.weights)
     weights = canonicalize(raw, files.origin)
@@ -53,6 +77,7 @@ def read_checkpoint(source: str, step: int | None = None, arch: str | None = Non
     else:
         meta = _read_json(files.config)
         config, detection, quantization = _config_from_json(meta, weights, files, tokenizer.vocab_size, notes)
+    _check_layers(config, weights, files.meta or files.config)
     if arch is not None:
         spec, how = get_spec(arch), f"set explicitly (arch={arch}); files suggest {detection.spec.name}"
     else:
@@ -85,10 +110,7 @@ def _load_tokenizer(path: Path) -> Tokenizer:
 
 
 def _read_json(path: Path | None) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+    data = read_json(Path(path), "meta or config file")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
@@ -109,26 +131,64 @@ def _unpadded_vocab(config_vocab: int, tokenizer_size: int) -> int:
     return config_vocab
 
 
+def _model_config(
+    values: dict[str, Any], path: Path | None, weights: Weights, labels: dict[str, str] | None = None
+) -> ModelConfig:
+    """A ModelConfig from a file's values, each checked before anything is sized from it.
+
+    The rule: the six geometry fields are positive ints, sequence_len at most MAX_SEQUENCE_LEN
+    (the models build rotary tables for 10 x sequence_len positions), window_pattern a string;
+    the padded vocab is wte's row count. n_layer is then checked against the weights
+    (``_check_layers``) and every shape against the geometry (weights.validate). ``labels`` name
+    the fields as the file does, for messages.
+    """
+    labels = labels or {}
+
+    def label(key: str) -> str:
+        return labels.get(key, f"model_config {key}")
+
+    for key in GEOMETRY_KEYS:
+        value = values.get(key)
+        if type(value) is not int or value < 1:
+            raise CheckpointError(f"{path}: {label(key)} must be a positive integer, found {shown(value)}")
+    if values["sequence_len"] > MAX_SEQUENCE_LEN:
+        raise CheckpointError(
+            f"{path}: {label('sequence_len')} {values['sequence_len']} is above the limit of {MAX_SEQUENCE_LEN}"
+        )
+    pattern = values.get("window_pattern", "L")
+    if not isinstance(pattern, str) or len(pattern) > MAX_WINDOW_PATTERN:
+        raise CheckpointError(f"{path}: {label('window_pattern')} must be a string of S and L, not {shown(pattern)}")
+    padded = _padded_rows(weights, path)
+    try:
+        return ModelConfig(
+            **{key: values[key] for key in GEOMETRY_KEYS}, window_pattern=pattern, padded_vocab_size=padded
+        )
+    except CheckpointError as e:  # its consistency checks (divisibility, pattern letters)
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _check_layers(config: ModelConfig, weights: Weights, path: Path | None) -> None:
+    """n_layer must be the number of layers the weights hold (everything per layer is sized from it)."""
+    layers = {int(m.group(1)) for name in weights if (m := _LAYER.match(name))}
+    if config.n_layer != len(layers):
+        raise CheckpointError(
+            f"{path}: n_layer is {config.n_layer} but the weights hold {len(layers)} layers (transformer.h.<i>)"
+        )
+
+
 def _config_from_meta(meta: dict, weights: Weights, path: Path | None, notes: list[str]) -> ModelConfig:
     mc = meta.get("model_config")
-    keys = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
-    if not isinstance(mc, dict) or any(k not in mc for k in keys):
-        raise CheckpointError(f"{path}: meta lacks model_config with {', '.join(keys)}")
+    if not isinstance(mc, dict) or any(k not in mc for k in GEOMETRY_KEYS):
+        raise CheckpointError(f"{path}: meta lacks model_config with {', '.join(GEOMETRY_KEYS)}")
     if "window_pattern" not in mc:
-        user_pattern = (meta.get("user_config") or {}).get("window_pattern")
+        user_config = meta.get("user_config")
+        user_pattern = user_config.get("window_pattern") if isinstance(user_config, dict) else None
         if user_pattern and str(user_pattern).upper() != "L":
             notes.append(
                 f"{path.name if path else 'meta'} has no window_pattern; running as 'L' like the "
-                f"reference, although training used {user_pattern!r}"
+                f"reference, although training used {shown(user_pattern)}"
             )
-    try:
-        return ModelConfig(
-            **{k: int(mc[k]) for k in keys},
-            window_pattern=str(mc.get("window_pattern", "L")),
-            padded_vocab_size=_padded_rows(weights, path),
-        )
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad model_config ({e})") from None
+    return _model_config(mc, path, weights)
 
 
 def _config_from_json(
@@ -137,27 +197,22 @@ def _config_from_json(
     """config.json of a converted, transformers or mlx-lm folder."""
     ours = cfg.get("nanochat_mlx")
     if ours:
-        try:
-            config = ModelConfig(**ours["model_config"])
-            spec = get_spec(ours["generation"])
-        except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{files.config}: bad nanochat_mlx section ({e})") from None
-        how = "recorded by nanochat-mlx convert" + (f" (source: {ours['how']})" if ours.get("how") else "")
-        return config, Detection(spec, how), ours.get("quantization")
-    try:
-        n_head = int(cfg["num_attention_heads"])
-        config = ModelConfig(
-            sequence_len=int(cfg.get("max_position_embeddings", 2048)),
-            vocab_size=_unpadded_vocab(int(cfg["vocab_size"]), tokenizer_size),
-            n_layer=int(cfg["num_hidden_layers"]),
-            n_head=n_head,
-            n_kv_head=int(cfg.get("num_key_value_heads") or n_head),
-            n_embd=int(cfg["hidden_size"]),
-            window_pattern=str(cfg.get("window_pattern", "L")),
-            padded_vocab_size=_padded_rows(weights, files.config),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{files.config}: missing or bad config key {e}") from None
+        if not (isinstance(ours, dict) and isinstance(ours.get("model_config"), dict)):
+            raise CheckpointError(f"{files.config}: bad nanochat_mlx section (no model_config object)")
+        config = _model_config(ours["model_config"], files.config, weights)
+        spec = get_spec(str(ours.get("generation")))
+        how = "recorded by nanochat-mlx convert" + (f" (source: {shown(ours['how'])})" if ours.get("how") else "")
+        quantization = ours.get("quantization")
+        if quantization is not None and not isinstance(quantization, dict):
+            raise CheckpointError(f"{files.config}: bad nanochat_mlx quantization (expected an object)")
+        return config, Detection(spec, how), quantization
+    values = {key: cfg.get(name) for key, name in _CONFIG_JSON_KEYS.items()}
+    values["sequence_len"] = cfg.get("max_position_embeddings", 2048)
+    values["n_kv_head"] = cfg.get("num_key_value_heads") or values["n_head"]
+    values["window_pattern"] = cfg.get("window_pattern", "L")
+    if type(values["vocab_size"]) is int:
+        values["vocab_size"] = _unpadded_vocab(values["vocab_size"], tokenizer_size)
+    config = _model_config(values, files.config, weights, _CONFIG_JSON_KEYS)
     detection = detect_generation(weights, config, None, files.origin)
     notes.append(f"{files.layout} folder: run with {detection.spec.name}'s reference math (eps, rotary tables)")
     return config, detection, None

@@ -7,6 +7,7 @@ torch backend read flags and constants from the spec; they never test generation
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -172,6 +173,31 @@ class ModelConfig:
         if not spec.value_embeds:
             return []
         return [i for i in range(self.n_layer) if i % 2 == (self.n_layer - 1) % 2]
+
+    # Roofline accounting: the bytes a decoded token must read from memory (the reference keeps the
+    # same accounting on its GPT: kv_bytes_per_token, kv_read_bytes).
+    def weight_bytes(self, spec: ArchSpec, itemsize: int = 4) -> int:
+        """Bytes of every parameter, held at ``itemsize`` bytes per element."""
+        from .weights import expected_shapes  # weights.py builds on this module
+
+        return itemsize * sum(math.prod(shape) for shape in expected_shapes(self, spec).values())
+
+    def decode_weight_bytes(self, spec: ArchSpec, itemsize: int = 4) -> int:
+        """Weight bytes one decoded token reads: every matrix and scalar, but only the token's row
+        of the embedding tables (``wte`` and the value embeddings are gathers)."""
+        from .weights import expected_shapes
+
+        elements = 0
+        for name, shape in expected_shapes(self, spec).items():
+            gathered = name == "transformer.wte.weight" or name.startswith("value_embeds.")
+            elements += shape[-1] if gathered else math.prod(shape)
+        return itemsize * elements
+
+    def kv_read_bytes(self, spec: ArchSpec, context: int, itemsize: int = 4) -> int:
+        """KV-cache bytes one decode step reads at ``context`` cached positions, all layers
+        (a layer with window w reads at most w + 1 positions)."""
+        per_position = 2 * self.n_kv_head * self.head_dim * itemsize
+        return per_position * sum(min(context, context if w is None else w + 1) for w in self.window_sizes(spec))
 
     def to_dict(self) -> dict[str, int | str]:
         return {

@@ -22,7 +22,7 @@ from .tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class Progress:
-    """A load stage starting (``done``/``total`` count bytes while files download)."""
+    """A load stage starting, or a download advancing (``done``/``total`` count its bytes)."""
 
     stage: str  # "checkpoint", "model" or "engine"
     message: str
@@ -106,15 +106,33 @@ class LoadedModel:
 
 def load_model(options: LoadOptions, progress: ProgressCallback | None = None) -> LoadedModel:
     """Load ``options.source`` on its backend; ``progress`` hears each stage as it starts."""
-    from .backends import build_model, pick_backend
+    from .backends import pick_backend
 
     report = progress or (lambda p: None)
     start = time.perf_counter()
-    backend = pick_backend(options.backend)  # refuse an unusable backend before reading anything
+    pick_backend(options.backend)  # refuse an unusable backend before reading anything
     report(Progress("checkpoint", STAGES["checkpoint"]))
-    ckpt = read_checkpoint(options.source, step=options.step, arch=options.arch)
+
+    def downloading(name: str, done: int, total: int) -> None:
+        report(Progress("checkpoint", f"Downloading {name}", done, total))
+
+    # Without a listener the Hub's own progress bars go to stderr (the CLI's default).
+    ckpt = read_checkpoint(
+        options.source, step=options.step, arch=options.arch, progress=downloading if progress else None
+    )
+    return from_checkpoint(ckpt, options, report, start)
+
+
+def from_checkpoint(
+    ckpt: Checkpoint, options: LoadOptions, progress: ProgressCallback | None = None, start: float | None = None
+) -> LoadedModel:
+    """Build the model and engine for a checkpoint already read (``options.source`` is not re-read)."""
+    from .backends import build_model, pick_backend
+
+    report = progress or (lambda p: None)
+    start = time.perf_counter() if start is None else start
     report(Progress("model", STAGES["model"]))
-    model = build_model(ckpt, backend, dtype=options.dtype, quantize=options.quantize)
+    model = build_model(ckpt, pick_backend(options.backend), dtype=options.dtype, quantize=options.quantize)
     report(Progress("engine", STAGES["engine"]))
     engine = Engine(model, ckpt.tokenizer)
     return LoadedModel(options, ckpt, model, engine, time.perf_counter() - start)

@@ -1,101 +1,164 @@
-"""A torch-free, safe reader for PyTorch's zip checkpoint format (``torch.save``).
+"""A torch-free, checked reader for PyTorch's zip checkpoint format (``torch.save``).
 
-The pickle inside a ``.pt`` file can name any Python global, and the stock unpickler would
-import and call it. Ours only resolves the few globals a state dict needs (tensor rebuild,
-storage classes, OrderedDict) and refuses everything else before anything runs. Storages are
-memory-mapped from the (uncompressed) zip members, so tensors are numpy views of the file.
+Nothing in a ``.pt`` file is trusted, and every check runs before a byte of a tensor is viewed:
+
+- the zip: members stored (torch never compresses them), inside the file, not overlapping, each
+  local header naming its member as the central directory does;
+- the pickle: run by the pure-Python unpickler (its memo is a dict; the C one allocates an array
+  as long as the largest memo index a file names), with only the globals a state dict needs. Those
+  are fresh objects for each load and refuse BUILD, so no pickle can alter them for later loads;
+- every tensor record: a weight dtype, at most 8 non-negative dims, exactly the contiguous strides
+  torch writes, offset + extent inside its storage, and the storage exactly as large as its member.
+
+Tensors are then numpy views of the memory-mapped file: memory is bounded by the file itself.
 """
 
 from __future__ import annotations
 
+import io
 import mmap
 import pickle
 import struct
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
 
 from .errors import CheckpointError
+from .fileio import MiB, map_file, one_line, shown
 
-_STORAGE_DTYPES: dict[str, np.dtype] = {
+# Storage classes by name; None marks dtypes a checkpoint may name but weights never have.
+_STORAGE_DTYPES: dict[str, np.dtype | None] = {
     "FloatStorage": np.dtype(np.float32),
     "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
     "HalfStorage": np.dtype(np.float16),
-    "DoubleStorage": np.dtype(np.float64),
-    "IntStorage": np.dtype(np.int32),
-    "LongStorage": np.dtype(np.int64),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
+    "DoubleStorage": None,
+    "IntStorage": None,
+    "LongStorage": None,
+    "ShortStorage": None,
+    "CharStorage": None,
+    "ByteStorage": None,
+    "BoolStorage": None,
 }
+_WEIGHT_DTYPES = "float32, bfloat16 or float16"
+_MAX_DIMS = 8
+_PICKLE_LIMIT = 8 * MiB  # a state dict's pickle is ~150 bytes per tensor
 
 
-class _StorageType:
-    """Stands in for ``torch.<X>Storage``: only carries the element dtype."""
-
-    def __init__(self, dtype: np.dtype) -> None:
-        self.dtype = dtype
+class _Bad(Exception):
+    """A problem found while unpickling; ``read_pt`` adds the file name."""
 
 
-def _rebuild_tensor(storage, offset, size, stride, *_unused) -> np.ndarray:
-    if not size:
-        return storage[offset : offset + 1].reshape(())
-    itemsize = storage.itemsize
-    view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
-    )
-    expected = tuple(int(np.prod(size[i + 1 :])) for i in range(len(size)))
-    return view if tuple(stride) == expected else np.ascontiguousarray(view)
+class _Global:
+    """An allow-listed global for one load: callable as the original, refuses BUILD."""
+
+    __slots__ = ("name", "_call")
+
+    def __init__(self, name: str, call: Callable[..., Any] | None) -> None:
+        self.name = name
+        self._call = call
+
+    def __call__(self, *args: Any) -> Any:
+        if self._call is None:
+            raise _Bad(f"the pickle calls {self.name}, which is a storage type")
+        return self._call(*args)
+
+    def __setstate__(self, state: Any) -> None:
+        raise _Bad(f"the pickle tries to set state on {self.name} (BUILD); refused")
 
 
-def _rebuild_parameter(data, _requires_grad, _hooks, *_unused) -> np.ndarray:
+class _StorageRef(NamedTuple):
+    type_name: str
+    dtype: np.dtype | None
+    key: Any
+    numel: Any
+
+
+class _TensorRef(NamedTuple):
+    storage: Any
+    offset: Any
+    size: Any
+    stride: Any
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_unused: Any) -> _TensorRef:
+    return _TensorRef(storage, offset, size, stride)  # checked with its name after unpickling
+
+
+def _rebuild_parameter(data: Any, *_unused: Any) -> Any:
     return data
 
 
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("collections", "OrderedDict"): OrderedDict,
-    **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
-}
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, file, path: Path, load_storage) -> None:
-        super().__init__(file)
-        self._path = path
-        self._load_storage = load_storage
+class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler, for its dict memo
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self._globals = {
+            ("torch._utils", "_rebuild_tensor_v2"): _Global("torch._utils._rebuild_tensor_v2", _rebuild_tensor),
+            ("torch._utils", "_rebuild_parameter"): _Global("torch._utils._rebuild_parameter", _rebuild_parameter),
+            ("collections", "OrderedDict"): _Global("collections.OrderedDict", OrderedDict),
+            **{("torch", name): _Global(f"torch.{name}", None) for name in _STORAGE_DTYPES},
+        }
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise CheckpointError(
-                f"{self._path}: refused to load: the pickle asks for the global {module}.{name}, "
+            return self._globals[(module, name)]
+        except (KeyError, TypeError):
+            raise _Bad(
+                f"refused to load: the pickle asks for the global {shown(module)}.{shown(name)}, "
                 "which a nanochat checkpoint never needs (nothing was executed)"
             ) from None
 
-    def persistent_load(self, pid: Any) -> np.ndarray:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise CheckpointError(f"{self._path}: unexpected persistent id {pid!r:.80}")
+    def persistent_load(self, pid: Any) -> _StorageRef:
+        if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage"):
+            raise _Bad("unexpected persistent id in the pickle (not a torch storage)")
         _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, _StorageType):
-            raise CheckpointError(f"{self._path}: storage {key!r} has no known storage type")
-        return self._load_storage(str(key), storage_type.dtype, int(numel))
+        if not (isinstance(storage_type, _Global) and storage_type.name.endswith("Storage")):
+            raise _Bad("a storage in the pickle has no known storage type")
+        name = storage_type.name.removeprefix("torch.")
+        return _StorageRef(name, _STORAGE_DTYPES[name], key, numel)
 
 
-def _member_offset(mm: mmap.mmap, info: zipfile.ZipInfo) -> int:
-    """Byte offset of a stored zip member's data (after its local file header)."""
-    header = mm[info.header_offset : info.header_offset + 30]
-    if len(header) < 30 or header[:4] != b"PK\x03\x04":
-        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+class _Zip:
+    """The members of a checked torch zip: name -> (data offset, size) in the mapped file."""
+
+    def __init__(self, mm: mmap.mmap, path: Path) -> None:
+        try:
+            with zipfile.ZipFile(mm) as zf:  # parses the central directory only; nothing is extracted
+                infos = zf.infolist()
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint (zip): {one_line(str(e))}") from None
+        self.members: dict[str, tuple[int, int]] = {}
+        regions = []
+        for info in infos:
+            name = info.filename
+            where = f"{path}: zip member {shown(name)}"
+            if name in self.members:
+                raise CheckpointError(f"{where} appears twice in the central directory")
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+                raise CheckpointError(f"{where} is compressed or encrypted; torch.save stores members as they are")
+            if info.compress_size != info.file_size:
+                raise CheckpointError(f"{where} has inconsistent sizes in the central directory")
+            start = info.header_offset
+            header = mm[start : start + 30]
+            if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                raise CheckpointError(f"{where}: no local header where the central directory points")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            encoded = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+            if mm[start + 30 : start + 30 + name_len] != encoded:
+                raise CheckpointError(f"{where}: its local header names another member")
+            data = start + 30 + name_len + extra_len
+            if data + info.file_size > len(mm):
+                raise CheckpointError(f"{where} runs past the end of the file")
+            self.members[name] = (data, info.file_size)
+            regions.append((start, data + info.file_size, name))
+        regions.sort()
+        for (_, end, first), (start, _, second) in zip(regions, regions[1:], strict=False):
+            if start < end:
+                raise CheckpointError(f"{path}: zip members {shown(first)} and {shown(second)} overlap")
 
 
 def read_pt(path: str | Path) -> dict[str, np.ndarray]:
@@ -104,38 +167,79 @@ def read_pt(path: str | Path) -> dict[str, np.ndarray]:
     bfloat16 tensors come back as ``ml_dtypes.bfloat16`` arrays (exact, no conversion).
     """
     path = Path(path)
+    mm = map_file(path)
+    members = _Zip(mm, path).members
+    pkl = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pkl) != 1:
+        raise CheckpointError(f"{path}: no data.pkl inside; not a torch.save zip checkpoint")
+    root = pkl[0].removesuffix("data.pkl")
+    start, size = members[pkl[0]]
+    if size > _PICKLE_LIMIT:
+        raise CheckpointError(f"{path}: data.pkl is {size} bytes, more than a state dict's pickle ever holds")
     try:
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        zf = zipfile.ZipFile(path)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (zip): {e}") from None
-    with zf:
-        names = {info.filename: info for info in zf.infolist()}
-        pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pkl) != 1:
-            raise CheckpointError(f"{path}: no data.pkl inside; not a torch.save zip checkpoint")
-        root = pkl[0][: -len("data.pkl")]
+        obj = _SafeUnpickler(mm[start : start + size]).load()
+    except _Bad as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # a corrupt pickle: one line naming the file
+        raise CheckpointError(f"{path}: corrupt checkpoint pickle ({type(e).__name__}: {one_line(str(e))})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
+    storages: dict[tuple[str, str], np.ndarray] = {}
+    out: dict[str, np.ndarray] = {}
+    for name, ref in obj.items():
+        if type(name) is not str:
+            raise CheckpointError(f"{path}: a state dict key is a {type(name).__name__}, not a tensor name")
+        out[name] = _tensor(ref, f"{path}: tensor {shown(name)}", mm, members, root, storages)
+    return out
 
-        def load_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
-            info = names.get(f"{root}data/{key}")
-            nbytes = numel * dtype.itemsize
-            if info is None or info.file_size < nbytes:
-                raise CheckpointError(f"{path}: storage {key} is missing or truncated")
-            if info.compress_type == zipfile.ZIP_STORED:
-                start = _member_offset(mm, info)
-                if start + nbytes > len(mm):
-                    raise CheckpointError(f"{path}: storage {key} is truncated")
-                return np.frombuffer(mm, dtype=dtype, count=numel, offset=start)
-            return np.frombuffer(zf.read(info), dtype=dtype, count=numel)
 
-        try:
-            with zf.open(pkl[0]) as f:
-                obj = _SafeUnpickler(f, path, load_storage).load()
-        except CheckpointError:
-            raise
-        except Exception as e:  # corrupt pickle or zip: one line naming the file
-            raise CheckpointError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors")
-    return dict(obj)
+def _tensor(
+    ref: Any,
+    where: str,
+    mm: mmap.mmap,
+    members: dict[str, tuple[int, int]],
+    root: str,
+    storages: dict[tuple[str, str], np.ndarray],
+) -> np.ndarray:
+    """The checked view of one tensor record (``where`` names the file and tensor for errors)."""
+    if not isinstance(ref, _TensorRef) or not isinstance(ref.storage, _StorageRef):
+        raise CheckpointError(f"{where} is not a tensor record")
+    st = ref.storage
+    if st.dtype is None:
+        raise CheckpointError(f"{where} is stored as torch.{st.type_name}; weights are {_WEIGHT_DTYPES}")
+    size, stride, offset = ref.size, ref.stride, ref.offset
+    if not (_ints(size) and _ints(stride) and len(size) == len(stride) <= _MAX_DIMS and _ints((offset,))):
+        raise CheckpointError(f"{where} has a malformed record (size, stride and offset must be non-negative ints)")
+    contiguous, step = [], 1
+    for n in reversed(size):
+        contiguous.insert(0, step)
+        step *= max(n, 1)
+    if list(stride) != contiguous:
+        raise CheckpointError(f"{where} has strides {tuple(stride)}; torch writes {tuple(contiguous)} for {size}")
+    if type(st.key) is not str or not _ints((st.numel,)):
+        raise CheckpointError(f"{where} names a malformed storage")
+    member = members.get(f"{root}data/{st.key}")
+    if member is None:
+        raise CheckpointError(f"{where}: its storage {shown(st.key)} is missing from the zip")
+    start, nbytes = member
+    if st.numel * st.dtype.itemsize != nbytes:
+        raise CheckpointError(
+            f"{where}: storage {shown(st.key)} declares {st.numel} {st.dtype} elements "
+            f"({st.numel * st.dtype.itemsize} bytes) but its member holds {nbytes} bytes"
+        )
+    numel = int(np.prod(size, dtype=object)) if size else 1
+    if offset + numel > st.numel:
+        raise CheckpointError(
+            f"{where} reads elements {offset}..{offset + numel} of a storage of {st.numel} (shape {tuple(size)})"
+        )
+    cache_key = (st.key, st.dtype.str)
+    if cache_key not in storages:
+        storages[cache_key] = (
+            np.frombuffer(mm, dtype=st.dtype, count=st.numel, offset=start) if st.numel else np.empty(0, st.dtype)
+        )
+    return storages[cache_key][offset : offset + numel].reshape(tuple(size))
+
+
+def _ints(values: Any) -> bool:
+    """A tuple of plain ints in [0, 2**63) (no bools, no subclasses), as torch's int64 fields."""
+    return type(values) is tuple and all(type(v) is int and 0 <= v < 1 << 63 for v in values)

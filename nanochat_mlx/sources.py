@@ -7,17 +7,26 @@ native model file, ``nanochat:<phase>[/<tag>]`` (the reference's base dir) and
 
 from __future__ import annotations
 
-import json
 import os
+import posixpath
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError, NanochatError
+from .fileio import read_json
+
+if TYPE_CHECKING:
+    from .hub import Progress
 
 DEFAULT_SOURCE = "hf:Antigma/nanochat-d32"
 
-_NATIVE_MODEL = re.compile(r"^model(?:_(\d+))?\.(pt|safetensors)$")
+_MODEL = re.compile(r"^model(?:_(\d+))?\.(pt|safetensors)$")
+_META = re.compile(r"^meta_(\d+)\.json$")
+MAX_DEPTH = 3  # checkpoint folders are looked for at most this many levels below the source
+_TOKENIZER_LEVELS = 3  # a local folder's listing reaches this many folders above it (base dir tokenizer/)
 _PHASE_DIRS = {
     "base": "base_checkpoints",
     "mid": "mid_checkpoints",
@@ -45,129 +54,235 @@ class CheckpointFiles:
         return self.weights[0].parent
 
 
-def resolve(source: str, step: int | None = None) -> CheckpointFiles:
-    """Find the checkpoint files behind ``source``."""
+def resolve(source: str, step: int | None = None, *, progress: Progress | None = None) -> CheckpointFiles:
+    """Find the checkpoint files behind ``source`` (``progress`` reports Hub downloads)."""
     if source.startswith("hf:"):
-        return _resolve_hub(source[3:], step)
+        return _resolve_hub(source[3:], step, progress)
     if source.startswith("nanochat:"):
         return _resolve_base_dir(source[len("nanochat:") :], step)
     path = Path(source).expanduser()
-    if path.is_file():
-        return _resolve_native(path.parent, step, origin=source, model_file=path)
-    if not path.is_dir():
-        raise NanochatError(f"{source}: no such file or folder (sources: a folder, hf:owner/name, nanochat:sft)")
-    return _resolve_dir(path, step, origin=source)
+    if path.is_dir():
+        return _resolve_dir(path, step, origin=source)
+    if os.path.lexists(path):
+        m = _MODEL.match(path.name)
+        if not m:
+            raise CheckpointError(f"{source}: expected a folder or a model_<step>.pt / model.pt file")
+        return _resolve_dir(path.parent, int(m.group(1)) if m.group(1) else None, origin=source, model=path.name)
+    raise NanochatError(f"{source}: no such file or folder (sources: a folder, hf:owner/name, nanochat:sft)")
+
+
+# --- the one selection rule, for local folders and Hub repos alike --------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The files of one checkpoint, as ``/``-separated names relative to the listing's root."""
+
+    folder: str
+    weights: tuple[str, ...]
+    tokenizer: str
+    meta: str | None = None
+    config: str | None = None
+    step: int | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return sorted({*self.weights, self.tokenizer, *(n for n in (self.meta, self.config) if n)})
+
+
+def select_checkpoint(
+    files: Iterable[str], origin: str, subdir: str = "", step: int | None = None, model: str | None = None
+) -> Selection | None:
+    """THE rule that picks a checkpoint's files from a listing: a local folder's or a Hub repo's.
+
+    - The checkpoint folder is the shallowest folder at or below ``subdir`` (at most
+      ``MAX_DEPTH`` levels down, hidden folders skipped, ties by name) that holds config.json
+      with ``*.safetensors``, or native model files ``model_<step>.{pt,safetensors}`` / ``model.*``.
+    - config.json + ``*.safetensors``: config.json and every shard. Native: the file ``model`` if
+      given, else the ``step`` asked for, else the highest step, else the unnumbered model; for one
+      step, .safetensors before .pt (it needs no pickle); with its ``meta_<step>.json`` / meta.json.
+    - The tokenizer (tokenizer.pkl, tokenizer.json, tiktoken/tokenizer.model) beside the model or in
+      its tokenizer/ folder, else in the nearest folder above that has one, up to the listing's root.
+
+    None when no folder holds a checkpoint; a checkpoint that lacks its step, meta or tokenizer
+    is an error naming what is missing.
+    """
+    files = set(files)
+    prefix = subdir.strip("/") + "/" if subdir.strip("/") else ""
+    by_dir: dict[str, set[str]] = {}
+    for name in files:
+        folder, _, base = name.rpartition("/")
+        by_dir.setdefault(folder, set()).add(base)
+
+    def depth(folder: str) -> int | None:
+        """Levels below ``subdir``, or None for folders outside it, hidden or too deep."""
+        if (folder + "/").startswith(prefix) or folder == prefix.rstrip("/"):
+            rel = (folder + "/")[len(prefix) :].strip("/")
+            parts = rel.split("/") if rel else []
+            if len(parts) <= MAX_DEPTH and not any(p.startswith(".") for p in parts):
+                return len(parts)
+        return None
+
+    found = [(d, f) for f in by_dir if (d := depth(f)) is not None and _holds_checkpoint(by_dir[f], model)]
+    if not found:
+        return None
+    folder = min(found)[1]
+    names = by_dir[folder]
+
+    def rel(name: str) -> str:
+        return posixpath.join(folder, name) if folder else name
+
+    tokenizer = _nearest_tokenizer(files, folder)
+    shown_folder = (folder + "/")[len(prefix) :] or "the folder"  # as the user sees it from the source
+    if tokenizer is None:
+        raise CheckpointError(
+            f"{origin}: no tokenizer for the checkpoint in {shown_folder} (looked for tokenizer.pkl, "
+            "tokenizer.json or tiktoken/tokenizer.model beside it, in tokenizer/, and in the folders above)"
+        )
+    if model is None and _has_config_weights(names):
+        shards = tuple(rel(n) for n in sorted(names) if n.endswith(".safetensors"))
+        return Selection(folder, shards, tokenizer, config=rel("config.json"))
+    models: dict[int | None, str] = {}
+    for name in sorted(names):  # ".pt" sorts before ".safetensors": the latter wins a step
+        if (m := _MODEL.match(name)) and model in (None, name):
+            models[int(m.group(1)) if m.group(1) else None] = name
+    numbered = sorted(k for k in models if k is not None)
+    if step is not None and step not in models:
+        have = ", ".join(str(s) for s in numbered) or "none"
+        raise CheckpointError(
+            f"{origin}: no checkpoint for step {step} in {shown_folder or 'the folder'} (steps: {have})"
+        )
+    chosen = step if step is not None else (numbered[-1] if numbered else None)
+    meta = _meta_name(names, chosen)
+    if meta is None:
+        want = f"meta_{chosen:06d}.json" if chosen is not None else "meta.json"
+        raise CheckpointError(
+            f"{origin}: {models[chosen]} in {shown_folder} has no meta file {want} beside it (it holds model_config)"
+        )
+    return Selection(folder, (rel(models[chosen]),), tokenizer, meta=rel(meta), step=chosen)
+
+
+def _holds_checkpoint(names: set[str], model: str | None) -> bool:
+    if model is not None:
+        return model in names
+    return _has_config_weights(names) or any(_MODEL.match(n) for n in names)
+
+
+def _has_config_weights(names: set[str]) -> bool:
+    return "config.json" in names and any(n.endswith(".safetensors") for n in names)
+
+
+def _meta_name(names: set[str], step: int | None) -> str | None:
+    if step is None:
+        return "meta.json" if "meta.json" in names else None
+    return next((n for n in sorted(names) if (m := _META.match(n)) and int(m.group(1)) == step), None)
+
+
+def _nearest_tokenizer(files: set[str], folder: str) -> str | None:
+    parts = folder.split("/") if folder else []
+    for depth in range(len(parts), -1, -1):
+        base = "/".join(parts[:depth])
+        for sub in ("", "tokenizer/"):
+            for name in _TOKENIZER_FILES:
+                path = posixpath.join(base, sub + name) if base else sub + name
+                if path in files:
+                    return path
+    return None
 
 
 # --- local folders ----------------------------------------------------------------------------
 
 
-def _is_checkpoint_dir(path: Path) -> bool:
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        return True
-    return any(_NATIVE_MODEL.match(p.name) for p in path.iterdir() if p.is_file())
+def list_folder(path: Path, model: str | None = None) -> tuple[Path, str, list[str]]:
+    """A local folder as a listing for :func:`select_checkpoint`: (root, the folder's place, names).
 
-
-def _resolve_dir(path: Path, step: int | None, origin: str) -> CheckpointFiles:
-    folder = _shallowest_checkpoint_dir(path)
-    if folder is None:
-        raise CheckpointError(
-            f"{origin}: no checkpoint found (looked for model_<step>.pt, model.pt, *.safetensors with "
-            "config.json, in the folder and its subfolders)"
-        )
-    config_path = folder / "config.json"
-    if config_path.is_file() and any(folder.glob("*.safetensors")):
-        return _resolve_config_dir(folder, origin)
-    return _resolve_native(folder, step, origin)
-
-
-def _shallowest_checkpoint_dir(root: Path, max_depth: int = 3) -> Path | None:
-    level = [root]
-    for _ in range(max_depth + 1):
-        found = sorted(d for d in level if _is_checkpoint_dir(d))
-        if found:
-            return found[0]
-        level = sorted(c for d in level for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
-    return None
-
-
-def _resolve_native(folder: Path, step: int | None, origin: str, model_file: Path | None = None) -> CheckpointFiles:
-    candidates: dict[int | None, Path] = {}
-    for p in folder.iterdir():
-        m = _NATIVE_MODEL.match(p.name)
-        if m and p.is_file():
-            key = int(m.group(1)) if m.group(1) is not None else None
-            if key not in candidates or p.suffix == ".pt":
-                candidates[key] = p
-    if model_file is not None:
-        m = _NATIVE_MODEL.match(model_file.name)
-        if not m:
-            raise CheckpointError(f"{model_file}: expected a model_<step>.pt or model.pt file")
-        step = int(m.group(1)) if m.group(1) is not None else None
-    numbered = sorted(k for k in candidates if k is not None)
-    if step is None:
-        chosen = numbered[-1] if numbered else None
-    elif step not in candidates:
-        have = ", ".join(str(s) for s in numbered) or "none"
-        raise CheckpointError(f"{origin}: no checkpoint for step {step} (steps present: {have})")
-    else:
-        chosen = step
-    if chosen not in candidates:
-        raise CheckpointError(f"{origin}: no model_<step>.pt or model.pt in {folder}")
-    model = candidates[chosen]
-    meta = _find_meta(folder, chosen)
-    if meta is None:
-        want = f"meta_{chosen:06d}.json" if chosen is not None else "meta.json"
-        raise CheckpointError(f"{model}: missing its meta file {want} (holds model_config) in {folder}")
-    return CheckpointFiles(
-        origin=origin,
-        layout="native",
-        weights=[model],
-        tokenizer=_find_tokenizer(folder, origin),
-        meta=meta,
-        step=chosen,
-    )
-
-
-def _find_meta(folder: Path, step: int | None) -> Path | None:
-    if step is None:
-        return folder / "meta.json" if (folder / "meta.json").is_file() else None
-    for p in folder.glob("meta_*.json"):
-        m = re.fullmatch(r"meta_(\d+)\.json", p.name)
-        if m and int(m.group(1)) == step:
-            return p
-    return None
-
-
-def _find_tokenizer(folder: Path, origin: str, levels: int = 3) -> Path:
-    """tokenizer.pkl (or tokenizer.json) beside the model, in tokenizer/, or up the base dir."""
-    for base in [folder, *list(folder.parents)[:levels]]:
+    The names are the non-folder entries under ``path`` as deep as the rule can look (``_walk``),
+    each real folder walked once whatever links lead to it, and the tokenizer candidates of the
+    ``_TOKENIZER_LEVELS`` folders above, where a nanochat base dir keeps tokenizer/. The root is the
+    highest of those folders.
+    """
+    root, above = path, []
+    for _ in range(_TOKENIZER_LEVELS):
+        if root.parent == root:
+            break
+        above.insert(0, root.name)
+        root = root.parent
+    subdir = "/".join(above)
+    names = [posixpath.join(subdir, n) if subdir else n for n in _walk(path, model)]
+    for depth in range(len(above)):
+        base = "/".join(above[:depth])
         for sub in ("", "tokenizer/"):
             for name in _TOKENIZER_FILES:
-                if (base / sub / name).is_file():
-                    return base / sub / name
-    raise CheckpointError(
-        f"{origin}: no tokenizer found (looked for tokenizer.pkl beside the model, in tokenizer/, "
-        f"and in the nanochat base dir's tokenizer/ above {folder})"
-    )
+                rel = posixpath.join(base, sub + name) if base else sub + name
+                if os.path.lexists(root / rel) and not (root / rel).is_dir():
+                    names.append(rel)
+    return root, subdir, names
 
 
-def _resolve_config_dir(folder: Path, origin: str) -> CheckpointFiles:
-    config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
-    shards = sorted(folder.glob("*.safetensors"))
-    if "nanochat_mlx" in config:
+def _walk(top: Path, model: str | None) -> list[str]:
+    """Relative names of the non-folder entries under ``top``, breadth first, each real folder once.
+
+    Down to MAX_DEPTH levels, and once a level holds a checkpoint folder (which the rule will pick
+    from that level), only two levels further: its tokenizer/ and tokenizer/tiktoken/ folders.
+    """
+    seen: set[tuple[int, int]] = set()
+    out: list[str] = []
+    level, last = [(top, "")], MAX_DEPTH + 2
+    for depth in range(MAX_DEPTH + 3):
+        if depth > last:
+            break
+        below = []
+        for folder, rel in level:
+            try:
+                st = folder.stat()
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                continue
+            here = set()
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                if not is_dir:
+                    here.add(entry.name)
+                    out.append(rel + entry.name)
+                elif not entry.name.startswith("."):
+                    below.append((Path(entry.path), rel + entry.name + "/"))
+            if depth <= MAX_DEPTH and _holds_checkpoint(here, model):
+                last = min(last, depth + 2)
+        level = below
+    return out
+
+
+def _resolve_dir(path: Path, step: int | None, origin: str, model: str | None = None) -> CheckpointFiles:
+    root, subdir, names = list_folder(path, model)
+    selection = select_checkpoint(names, origin, subdir, step, model)
+    if selection is None:
+        raise CheckpointError(
+            f"{origin}: no checkpoint found (looked for model_<step>.pt, model.pt, *.safetensors with "
+            f"config.json, in the folder and {MAX_DEPTH} levels of subfolders)"
+        )
+    return _checkpoint_files(root, selection, origin)
+
+
+def _checkpoint_files(root: Path, sel: Selection, origin: str) -> CheckpointFiles:
+    weights = [root / n for n in sel.weights]
+    tokenizer = root / sel.tokenizer
+    if sel.config is None:
+        return CheckpointFiles(origin, "native", weights, tokenizer, meta=root / sel.meta, step=sel.step)
+    config_path = root / sel.config
+    config = read_json(config_path, "config.json")
+    if isinstance(config, dict) and "nanochat_mlx" in config:
         layout = "converted"
-    elif any(_has_transformers_names(p) for p in shards[:1]):
+    elif _has_transformers_names(weights[0]):
         layout = "transformers"
     else:
         layout = "mlx-lm"
-    return CheckpointFiles(
-        origin=origin, layout=layout, weights=shards, tokenizer=_find_tokenizer(folder, origin), config=config_path
-    )
+    return CheckpointFiles(origin, layout, weights, tokenizer, config=config_path)
 
 
 def _has_transformers_names(path: Path) -> bool:
@@ -196,7 +311,7 @@ def _resolve_base_dir(spec: str, step: int | None) -> CheckpointFiles:
     folder = phase_dir / tag
     if not folder.is_dir():
         raise CheckpointError(f"nanochat:{spec}: no model tag {tag!r} in {phase_dir}")
-    return _resolve_native(folder, step, origin=f"nanochat:{spec}")
+    return _resolve_dir(folder, step, origin=f"nanochat:{spec}")
 
 
 def _largest_model_tag(phase_dir: Path, spec: str) -> str:
@@ -213,11 +328,11 @@ def _largest_model_tag(phase_dir: Path, spec: str) -> str:
 # --- Hugging Face Hub -------------------------------------------------------------------------
 
 
-def _resolve_hub(spec: str, step: int | None) -> CheckpointFiles:
+def _resolve_hub(spec: str, step: int | None, progress: Progress | None) -> CheckpointFiles:
     from .hub import download
 
     repo_id, subdir, revision = parse_hub_spec(spec)
-    folder = download(repo_id, subdir=subdir, revision=revision, step=step)
+    folder = download(repo_id, subdir=subdir, revision=revision, step=step, progress=progress)
     return _resolve_dir(folder, step, origin=f"hf:{spec}")
 
 

@@ -8,8 +8,9 @@ names and results follow the reference's ``RustBPETokenizer``.
 from __future__ import annotations
 
 import base64
+import binascii
 import copy
-import json
+import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import tiktoken
 
 from .errors import CheckpointError
+from .fileio import MiB, read_bytes, read_json
 
 SPECIAL_TOKENS = (
     "<|bos|>",
@@ -30,11 +32,15 @@ SPECIAL_TOKENS = (
     "<|output_end|>",
 )
 
-# nanochat's split pattern, used only when a tokenizer file does not carry its own.
+# nanochat's split pattern, used when a tokenizer file does not carry its own.
 NANOCHAT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
+# The split patterns a tokenizer file may name: nanochat's and GPT-4's (digits in threes). A pattern
+# is a program tiktoken runs on every input; an unknown one could backtrack without end.
+KNOWN_PATTERNS = (NANOCHAT_PATTERN, NANOCHAT_PATTERN.replace(r"\p{N}{1,2}", r"\p{N}{1,3}"))
+TOKENIZER_LIMIT = 64 * MiB  # nanochat's 65536-token tokenizer.pkl is ~1 MiB
 
 
 class _EncodingState:
@@ -44,9 +50,9 @@ class _EncodingState:
         self.state = state
 
 
-class _TokenizerUnpickler(pickle.Unpickler):
-    def __init__(self, file, path: Path) -> None:
-        super().__init__(file)
+class _TokenizerUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its memo is a dict, not an array
+    def __init__(self, data: bytes, path: Path) -> None:
+        super().__init__(io.BytesIO(data))
         self._path = path
 
     def find_class(self, module: str, name: str) -> Any:
@@ -77,9 +83,9 @@ class Tokenizer:
     def from_pickle(cls, path: str | Path) -> Tokenizer:
         """Load a nanochat ``tokenizer.pkl`` with the allow-listed unpickler."""
         path = Path(path)
+        data = read_bytes(path, TOKENIZER_LIMIT, "tokenizer file")
         try:
-            with open(path, "rb") as f:
-                obj = _TokenizerUnpickler(f, path).load()
+            obj = _TokenizerUnpickler(data, path).load()
         except CheckpointError:
             raise
         except Exception as e:
@@ -88,53 +94,40 @@ class Tokenizer:
         keys = {"name", "pat_str", "mergeable_ranks", "special_tokens"}
         if not isinstance(state, dict) or not keys <= state.keys():
             raise CheckpointError(f"{path}: not a pickled tiktoken Encoding")
-        enc = tiktoken.Encoding(
-            name=str(state["name"]),
-            pat_str=state["pat_str"],
-            mergeable_ranks=state["mergeable_ranks"],
-            special_tokens=state["special_tokens"],
-        )
+        enc = _encoding(path, state["name"], state["pat_str"], state["mergeable_ranks"], state["special_tokens"])
         return cls(enc, str(path))
 
     @classmethod
     def from_tokenizer_json(cls, path: str | Path) -> Tokenizer:
         """Load a Hugging Face ``tokenizer.json`` (byte-level BPE, as transformers converts it)."""
         path = Path(path)
+        data = read_json(path, "tokenizer file", TOKENIZER_LIMIT)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            vocab: dict[str, int] = data["model"]["vocab"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: not a readable tokenizer.json ({e})") from None
-        byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
-        try:
+            vocab = data["model"]["vocab"]
+            added = [(t["content"], t["id"]) for t in data.get("added_tokens") or []]
+            byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
             ranks = {bytes(byte_of[ch] for ch in tok): i for tok, i in vocab.items()}
-        except KeyError:
-            raise CheckpointError(f"{path}: tokenizer.json is not byte-level BPE") from None
-        specials = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t["id"] not in ranks.values()}
-        ranks = {b: i for b, i in ranks.items() if i not in specials.values()}
-        enc = tiktoken.Encoding(
-            name=path.parent.name or "nanochat",
-            pat_str=_split_pattern(data) or NANOCHAT_PATTERN,
-            mergeable_ranks=ranks,
-            special_tokens=specials,
-        )
-        return cls(enc, str(path))
+            pattern = _split_pattern(data) or NANOCHAT_PATTERN
+            in_vocab = set(ranks.values())
+            specials = {content: i for content, i in added if i not in in_vocab}
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise CheckpointError(f"{path}: not a byte-level BPE tokenizer.json (model.vocab, added_tokens)") from None
+        special_ids = set(specials.values())
+        ranks = {b: i for b, i in ranks.items() if i not in special_ids}
+        return cls(_encoding(path, path.parent.name or "nanochat", pattern, ranks, specials), str(path))
 
     @classmethod
     def from_tiktoken_file(cls, path: str | Path) -> Tokenizer:
         """Load a tiktoken ranks file (``base64-token rank`` lines); specials follow the ranks."""
         path = Path(path)
+        lines = read_bytes(path, TOKENIZER_LIMIT, "tokenizer file").splitlines()
         try:
-            ranks = {
-                base64.b64decode(tok): int(rank)
-                for tok, rank in (line.split() for line in path.read_bytes().splitlines() if line)
-            }
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a tiktoken ranks file ({e})") from None
-        first = len(ranks)
-        specials = {tok: first + i for i, tok in enumerate(SPECIAL_TOKENS)}
-        enc = tiktoken.Encoding("nanochat", pat_str=NANOCHAT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
-        return cls(enc, str(path))
+            pairs = (line.split() for line in lines if line)
+            ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in pairs}
+        except (ValueError, binascii.Error):
+            raise CheckpointError(f"{path}: not a tiktoken ranks file (lines of base64 token and rank)") from None
+        specials = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        return cls(_encoding(path, "nanochat", NANOCHAT_PATTERN, ranks, specials), str(path))
 
     # --- the reference's API ---------------------------------------------------------------
     def get_vocab_size(self) -> int:
@@ -240,6 +233,32 @@ class Tokenizer:
     @staticmethod
     def _wrap(ids: list[int], pre: int | None, post: int | None) -> list[int]:
         return ([pre] if pre is not None else []) + ids + ([post] if post is not None else [])
+
+
+def _encoding(path: Path, name: Any, pat_str: Any, ranks: Any, specials: Any) -> tiktoken.Encoding:
+    """A tiktoken Encoding from checked parts (tiktoken's Rust core panics on inconsistent ranks).
+
+    Ranks: distinct byte strings numbered 0..n-1 without gaps, every single byte among them;
+    specials: the nanochat ones, numbered n, n+1, ... right after the ranks.
+    """
+    where = f"{path}: tokenizer"
+    if not isinstance(name, str) or pat_str not in KNOWN_PATTERNS:
+        raise CheckpointError(f"{where} has an unknown split pattern (known: nanochat's and GPT-4's)")
+    if not isinstance(ranks, dict) or not all(type(b) is bytes and b and type(i) is int for b, i in ranks.items()):
+        raise CheckpointError(f"{where} ranks must map non-empty byte strings to ints")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise CheckpointError(f"{where} ranks are not 0..{len(ranks) - 1}, each once (a duplicate or a gap)")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise CheckpointError(f"{where} lacks {len(missing)} of the 256 single-byte tokens (first: byte {missing[0]})")
+    if not isinstance(specials, dict) or not all(type(t) is str and type(i) is int for t, i in specials.items()):
+        raise CheckpointError(f"{where} special tokens must map strings to ints")
+    if sorted(specials.values()) != list(range(len(ranks), len(ranks) + len(specials))):
+        raise CheckpointError(f"{where} special tokens are not numbered from {len(ranks)} (after the ranks), each once")
+    lacking = [t for t in SPECIAL_TOKENS if t not in specials]
+    if lacking:
+        raise CheckpointError(f"{where} lacks nanochat special tokens {lacking}")
+    return tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -8,7 +8,6 @@ schemes (transformers' ``model.layers.*``; mlx-lm already uses the native names)
 from __future__ import annotations
 
 import json
-import mmap
 import re
 import struct
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 
 from .config import GENERATIONS, ArchSpec, ModelConfig
 from .errors import CheckpointError
+from .fileio import map_file, one_line, shown
 from .ptfile import read_pt
 
 Weights = dict[str, np.ndarray]
@@ -38,41 +38,86 @@ NAME_TABLE: list[tuple[re.Pattern[str], str]] = [
 ]
 _PREFIXES = ("_orig_mod.",)
 
+# Weight dtypes only (U32 holds the packed values of quantized converted folders).
 _SAFETENSORS_DTYPES = {
     "F32": np.dtype(np.float32),
     "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F64": np.dtype(np.float64),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
     "U32": np.dtype(np.uint32),
-    "U8": np.dtype(np.uint8),
 }
+_HEADER_LIMIT = 100_000_000  # the safetensors format's own cap on the JSON header
+_MAX_DIMS = 8
 
 
 def read_safetensors(path: str | Path) -> Weights:
-    """Memory-map a safetensors file as ``{name: numpy array}`` (bfloat16 kept exact)."""
+    """Memory-map a safetensors file as ``{name: numpy array}`` (bfloat16 kept exact).
+
+    The header is checked before any tensor is viewed: its length inside the file and the format's
+    cap, weight dtypes, non-negative shapes, and data offsets that tile the data section in order,
+    without gaps or overlaps, each as long as its shape and dtype need.
+    """
     path = Path(path)
+    mm = map_file(path)
+    (header_len,) = struct.unpack("<Q", mm[:8].ljust(8, b"\0"))
+    if len(mm) < 8 or header_len > min(_HEADER_LIMIT, len(mm) - 8):
+        raise CheckpointError(f"{path}: not a safetensors file (header length {header_len}, file size {len(mm)})")
     try:
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        (header_len,) = struct.unpack("<Q", mm[:8])
-        header = json.loads(mm[8 : 8 + header_len])
-    except (OSError, ValueError, struct.error) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    base = 8 + header_len
-    out: Weights = {}
+        header = json.loads(mm[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file (header: {one_line(str(e))})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (the header is not a JSON object)")
+    base, size = 8 + header_len, len(mm) - 8 - header_len
+    spans = []
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if base + end > len(mm) or end - start != int(np.prod(shape)) * dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {name} is truncated or corrupt")
-        out[name] = np.frombuffer(mm, dtype=dtype, count=int(np.prod(shape)), offset=base + start).reshape(shape)
+        if name != "__metadata__":
+            spans.append((*_span(info, f"{path}: tensor {shown(name)}", size), name))
+    end = 0
+    for start, stop, *_, name in sorted(spans, key=lambda s: s[:2]):
+        if start != end:
+            gap = "overlaps the tensor before it" if start < end else f"leaves bytes {end}..{start} unused"
+            raise CheckpointError(f"{path}: tensor {shown(name)} at bytes {start}..{stop} {gap}")
+        end = stop
+    if end != size:
+        raise CheckpointError(f"{path}: the tensors cover {end} of the {size} data bytes (truncated or padded)")
+    return {
+        name: np.frombuffer(mm, dtype=dtype, count=(stop - start) // dtype.itemsize, offset=base + start).reshape(shape)
+        if stop > start
+        else np.empty(shape, dtype)
+        for start, stop, dtype, shape, name in spans
+    }
+
+
+def _span(info: object, where: str, size: int) -> tuple[int, int, np.dtype, tuple[int, ...]]:
+    """(start, stop, dtype, shape) of one header entry, checked against a data section of ``size`` bytes."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: its header entry is not an object")
+    name = info.get("dtype")
+    dtype = _SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise CheckpointError(f"{where} has dtype {shown(name)}; weights are F32, BF16, F16 (or U32 when packed)")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(_count(n) for n in shape)):
+        raise CheckpointError(f"{where} has a malformed shape (at most {_MAX_DIMS} non-negative ints)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(n) for n in offsets)):
+        raise CheckpointError(f"{where} has malformed data_offsets (two non-negative ints)")
+    start, stop = offsets
+    if not start <= stop <= size:
+        raise CheckpointError(f"{where} spans bytes {start}..{stop}, outside the data section of {size} bytes")
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize if shape else dtype.itemsize
+    if stop - start != need:
+        raise CheckpointError(f"{where} holds {stop - start} bytes; shape {tuple(shape)} needs {need}")
+    return start, stop, dtype, tuple(shape)
+
+
+def _count(value: object) -> bool:
+    return type(value) is int and 0 <= value < 1 << 63
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a name appears twice")
     return out
 
 

@@ -276,3 +276,11 @@ def test_every_argument_has_help_text(command):
     parser = build_parser()[command]
     missing = [a.dest for a in parser._actions if not a.help]
     assert missing == []
+
+
+def test_bench_help_is_plain_text_with_help_for_every_argument():
+    r = nanochat("bench", "--help")
+    assert r.returncode == 0 and "``" not in r.stdout.decode()
+    from nanochat_mlx.bench import parser
+
+    assert [a.dest for a in parser()._actions if not a.help] == []

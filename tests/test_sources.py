@@ -194,7 +194,7 @@ def build_hf_cache(hub_cache: Path) -> Path:
 
 @pytest.fixture
 def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    import huggingface_hub
+    import huggingface_hub.constants
 
     hub = tmp_path / "hf" / "hub"
     snap = build_hf_cache(hub)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,15 +15,17 @@ import pytest
 pytest.importorskip("textual")
 
 from conftest import FIXTURES  # noqa: E402
+from hubserver import FakeHub  # noqa: E402
 
 import nanochat_mlx as nc  # noqa: E402
 from nanochat_mlx import engine as engine_module  # noqa: E402
+from nanochat_mlx.options import LoadOptions  # noqa: E402
+from nanochat_mlx.session import Turn  # noqa: E402
 from tui import storage  # noqa: E402
 from tui.app import NanochatApp  # noqa: E402
-from tui.loader import LoadOptions  # noqa: E402
-from tui.reply import plain_reply, sanitize, split_reply  # noqa: E402
+from tui.reply import plain_text, sanitize, segments  # noqa: E402
 from tui.screens import ChatScreen, ConversationsScreen, ErrorScreen, HelpScreen, SettingsScreen  # noqa: E402
-from tui.widgets import AssistantMessage, PromptInput, ToolCallView, UserMessage  # noqa: E402
+from tui.widgets import AssistantMessage, PromptInput, StatusBar, ToolCallView, UserMessage  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -51,10 +55,10 @@ def engine() -> nc.Engine:
 def greedy(engine: nc.Engine, *messages: str, max_tokens: int = MAX_TOKENS) -> str:
     """The last reply ChatSession gives to ``messages`` with greedy decoding."""
     session = nc.ChatSession(engine, params=nc.SamplingParams(temperature=0.0, max_tokens=max_tokens))
-    reply = ""
     for text in messages:
-        reply = "".join(session.send(text))
-    return reply
+        for _ in session.stream(text):
+            pass
+    return session.turns[-1].reply
 
 
 def make_app(source: str = SOURCE, max_tokens: int = MAX_TOKENS) -> NanochatApp:
@@ -99,13 +103,13 @@ async def test_send_streams_the_greedy_reply(engine, data_home, monkeypatch):
     expected = greedy(engine, "Hello there")
     monkeypatch.setattr("tui.screens.chat.FLUSH_INTERVAL_S", 0.0)  # one update per token
     appended: list[str] = []
-    original = AssistantMessage.append
+    original = AssistantMessage.add
 
-    async def spy(self, delta):
-        appended.append(delta)
-        await original(self, delta)
+    async def spy(self, pieces, calls):
+        appended.append("".join(p.text for p in pieces))
+        await original(self, pieces, calls)
 
-    monkeypatch.setattr(AssistantMessage, "append", spy)
+    monkeypatch.setattr(AssistantMessage, "add", spy)
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         chat = await ready(pilot)
@@ -117,12 +121,15 @@ async def test_send_streams_the_greedy_reply(engine, data_home, monkeypatch):
         assert view.text == expected
         assert chat.session.turns[-1].reply == expected
         assert view.finished and not view.stopped
-        assert "<|" in expected or view.markdown_source == sanitize(expected)
+        assert "<|" not in view.markdown_source
+        assert chat.session.turns[-1].parts[0]["type"] != "text" or view.markdown_source.startswith(
+            sanitize(chat.session.turns[-1].parts[0]["text"])
+        )
         assert len([d for d in appended if d]) > 1, "the reply should arrive in pieces"
         assert chat.query_one(UserMessage).text == "Hello there"
         assert chat.query_one(PromptInput).text == ""
     convs = saved(data_home)
-    assert len(convs) == 1 and convs[0]["turns"][0]["reply"] == expected
+    assert len(convs) == 1 and "".join(p["text"] for p in convs[0]["turns"][0]["parts"]) == expected
     assert app.return_code in (None, 0)
 
 
@@ -147,12 +154,16 @@ async def test_keys_work_while_generating_and_esc_cancels(engine, data_home, req
     full = greedy(engine, "Tell me a story", max_tokens=300)
     request.getfixturevalue("slow_engine")
     app = make_app(max_tokens=300)
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=(80, 24)) as pilot:
         chat = await ready(pilot)
         chat.query_one(PromptInput).load_text("Tell me a story")
         await pilot.press("enter")
         await wait_for(pilot, lambda: len(last_reply(chat).text) > 0)
         assert chat.generating
+        status = chat.query_one(StatusBar)
+        await wait_for(pilot, lambda: "generating" in str(status.render()))
+        line = str(status.render())  # at 80 columns the state, speed and context come first
+        assert "● generating" in line and "tok/s" in line and "ctx " in line and len(line) <= 78
         await pilot.press(*"abc")  # handled by the UI while the model thread generates
         assert chat.query_one(PromptInput).text == "abc"
         assert chat.generating
@@ -329,50 +340,52 @@ async def test_input_history_copy_and_export(engine, data_home):
         assert len(chat.session.turns) == 1
         prompt.clear()
         await pilot.press("alt+c")
-        assert app.clipboard == plain_reply(expected)
-        await send(pilot, "/export")
-        exports = list((data_home / "exports").glob("*.md"))
-        assert len(exports) == 1 and "## You" in exports[0].read_text()
+        assert app.clipboard == plain_text(chat.session.turns[-1].parts) and expected.startswith(app.clipboard[:1])
 
 
-CODE_REPLY = (
-    "Here you go:\n\n```python\nprint('hi')\n```\n\n"
-    "The sum is <|python_start|>2+2<|python_end|><|output_start|>4<|output_end|>, so **4**."
-)
+CODE_REPLY = [
+    {"type": "text", "text": "Here you go:\n\n```python\nprint('hi')\n```\n\nThe sum is "},
+    {"type": "python", "text": "2+2"},
+    {"type": "python_output", "text": "4"},
+    {"type": "text", "text": ", so **4**."},
+]
 
 
 async def test_tool_calls_and_code_blocks_render(data_home):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         chat = await ready(pilot)
-        conv = storage.Conversation(source=SOURCE, generation="g9", turns=[{"user": "sum?", "reply": CODE_REPLY}])
+        conv = storage.Conversation(source=SOURCE, generation="g9", turns=[Turn("sum?", CODE_REPLY)])
         await chat.open_conversation(conv)
         await pilot.pause()
         tool = chat.query_one(ToolCallView)
         assert tool.segment.text == "2+2" and tool.segment.result == "4"
-        assert "<|python_start|>" not in last_reply(chat).markdown_source
+        assert "2+2" not in last_reply(chat).markdown_source
         await pilot.press("alt+b")
         assert app.clipboard == "print('hi')\n"
         assert chat.session.context_used() > 10  # the reply was tokenized for this model
 
 
-def test_split_reply_segments():
-    segs = split_reply("a <|python_start|>1+2<|python_end|><|output_start|>3<|output_end|> b")
+def test_segments_from_parts():
+    parts = [{"type": "text", "text": "a "}, {"type": "python", "text": "1+2"}, {"type": "python_output", "text": "3"}]
+    segs = segments([*parts, {"type": "text", "text": " b"}])
     assert [(s.kind, s.text, s.result, s.state) for s in segs] == [
         ("text", "a ", None, "done"),
         ("tool", "1+2", "3", "done"),
         ("text", " b", None, "done"),
     ]
-    assert split_reply("x<|python_start|>1+")[1].state == "typing"
-    assert split_reply("x<|python_start|>1+<|python_end|>")[1].state == "running"
-    assert split_reply("x<|python_start|>os<|python_end|>", finished=True)[1].state == "refused"
-    assert plain_reply("a <|python_start|>1+2<|python_end|><|output_start|>3<|output_end|>") == "a `1+2 = 3`"
+    assert segments(parts[:2], [], finished=False)[1].state == "typing"
+    assert segments(parts[:2], ["3"], finished=False)[1].state == "running"
+    assert segments(parts, ["3"], finished=False)[1].state == "output"
+    assert segments(parts[:2], [None], finished=False)[1].state == "refused"
+    assert segments(parts[:2])[1].state == "refused"  # finished without an output
+    assert plain_text(parts) == "a `1+2 = 3`"
     assert sanitize("a\x15b\nc") == "a␕b\nc"
 
 
 def test_atomic_save_never_loses_the_previous_file(tmp_path, monkeypatch):
     store = storage.ConversationStore(tmp_path / "convs")
-    conv = storage.Conversation(title="kept", turns=[{"user": "u", "reply": "r"}])
+    conv = storage.Conversation(title="kept", turns=[Turn("u", [{"type": "text", "text": "r"}])])
     store.save(conv)
     before = store.path(conv.id).read_text()
 
@@ -380,15 +393,13 @@ def test_atomic_save_never_loses_the_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    conv.turns.append({"user": "u2", "reply": "r2"})
+    conv.turns.append(Turn("u2"))
     with pytest.raises(OSError):
         store.save(conv)
     assert store.path(conv.id).read_text() == before
     assert [p.name for p in (tmp_path / "convs").iterdir()] == [f"{conv.id}.json"]  # no temp files left
     monkeypatch.undo()
-    assert store.find("kept").turns == [{"user": "u", "reply": "r"}]
-    (tmp_path / "convs" / "junk.json").write_text("{not json")
-    assert [c.id for c in store.list()] == [conv.id]  # unreadable files are skipped
+    assert [t.reply for t in store.find("kept").turns] == ["r"]
 
 
 def test_data_dir_follows_xdg(data_home):
@@ -402,7 +413,320 @@ def test_run_tui_signature():
     from tui.app import run_tui
 
     sig = inspect.signature(run_tui)
-    assert list(sig.parameters) == [
-        "source", "step", "arch", "dtype", "quantize", "backend", "params", "system", "debug",
-    ]  # fmt: skip
-    assert sig.parameters["backend"].default == "auto"
+    assert list(sig.parameters) == ["options", "params", "system", "debug"]
+    assert all(sig.parameters[p].kind is inspect.Parameter.KEYWORD_ONLY for p in ("params", "system", "debug"))
+
+
+# --- the issue's items: each test names the item it covers ------------------------------------
+
+
+def notices(app, text: str) -> list[str]:
+    return [n.message for n in app._notifications if text in n.message]
+
+
+async def test_long_chat_keeps_every_turn_and_marks_where_the_model_view_begins(data_home):
+    """Item 1: only what is fed to the model is trimmed; the notice appears once."""
+    long = "please tell me all about the weather in the mountains today " * 2
+    turns = [Turn(f"{i}: {long}", [{"type": "text", "text": "ok"}]) for i in range(12)]
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        await chat.open_conversation(storage.Conversation(source=SOURCE, generation="g9", turns=turns))
+        await send(pilot, "and now?")
+        start = chat.session.context_start
+        assert start > 0 and len(chat.session.turns) == 13
+        assert len(chat.query(UserMessage)) == 13  # the transcript keeps them all
+        children = list(chat.query_one("#transcript").children)
+        divider = chat.query_one(".context-start")
+        rows = [c for c in children if c.has_class("user-row")]
+        assert children.index(divider) == children.index(rows[start]) - 1
+        assert len(notices(app, "no longer sees")) == 1
+    assert len(saved(data_home)[0]["turns"]) == 13
+
+
+async def test_stop_and_quit_act_at_once_during_prefill_and_the_message_is_saved_when_sent(data_home, request):
+    """Item 3: Ctrl+C (like Esc) stops within about a second in a long prefill; progress shows."""
+    request.getfixturevalue("slow_engine")
+    message = "count the words in this long message please " * 12
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        chat.model.engine.prefill_chunk = 2  # many prefill chunks, each slowed by slow_engine
+        chat.query_one(PromptInput).load_text(message)
+        await pilot.press("enter")
+        status = chat.query_one(StatusBar)
+        await wait_for(pilot, lambda: "reading prompt" in str(status.render()))
+        assert "reading prompt" in str(last_reply(chat).footer.render())
+        assert [t["user"] for t in saved(data_home)[0]["turns"]] == [message]  # saved before any reply
+        began = time.monotonic()
+        await pilot.press("ctrl+c")
+        await wait_for(pilot, lambda: not chat.generating, timeout=5)
+        assert time.monotonic() - began < 1.5  # about a second, with room for a busy CI machine
+        turn = chat.session.turns[-1]
+        assert turn.stopped and turn.reply_tokens == []
+        assert isinstance(app.screen, ChatScreen)  # Ctrl+C stopped the reply; it didn't offer to quit
+        chat.query_one(PromptInput).load_text(message)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "reading prompt" in str(status.render()))
+        began = time.monotonic()
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: app.return_code is not None, timeout=5)
+        assert time.monotonic() - began < 1.5  # about a second, with room for a busy CI machine
+    assert app.return_code == 0
+    turns = saved(data_home)[0]["turns"]
+    assert [t["user"] for t in turns] == [message, message] and turns[-1]["stopped"] is True
+
+
+def terminal_run(
+    args: list[str], tmp_path: Path, ready_text: bytes, keys: bytes, size=(80, 24), env: dict | None = None
+) -> tuple[int, str, float]:
+    """Run ``nanochat-mlx tui ARGS`` in a pseudo-terminal; once ``ready_text`` is on screen, type
+    ``keys``. Returns the exit status, everything it wrote, and seconds from the keys to the exit."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80x24
+    env = {**os.environ, "TERM": "xterm-256color", "XDG_DATA_HOME": str(tmp_path / "data"), "COLUMNS": "", "LINES": "",
+           **(env or {})}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanochat_mlx.cli", "tui", *args],
+        stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+    )  # fmt: skip
+    os.close(slave)
+    out, sent_at = b"", None
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline:
+            if sent_at is None and ready_text in out:
+                os.write(master, keys)
+                sent_at = time.monotonic()
+                deadline = sent_at + 10
+            readable, _, _ = select.select([master], [], [], 0.1)
+            try:
+                chunk = os.read(master, 65536) if readable else b""
+            except OSError:  # EIO: every copy of the other end is closed, so the app has exited
+                chunk = b""
+            out += chunk
+            if proc.poll() is not None and not chunk:
+                break
+        else:
+            raise AssertionError(f"the app didn't exit; it wrote: {out[-2000:]!r}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        os.close(master)
+    assert sent_at is not None, f"never saw {ready_text!r}: {out[-2000:]!r}"
+    return proc.returncode, out.decode("utf-8", "replace"), time.monotonic() - sent_at
+
+
+def test_ctrl_q_quits_at_once_while_a_download_hangs(tmp_path):
+    """Item 2: the model thread never holds up quitting (here it waits on a Hub download that never
+    finishes); no blank wait, no threading traceback."""
+    repo = tmp_path / "remote"
+    repo.mkdir()
+    for f in (FIXTURES / "g9").iterdir():
+        if f.is_file():
+            shutil.copy(f, repo)
+    shutil.copy(FIXTURES / "g9" / "tokenizer" / "tokenizer.pkl", repo)
+    hub = FakeHub(repo, stall="model_000500.pt")
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+    try:
+        code, out, seconds = terminal_run(
+            ["--source", "hf:owner/remote", "--backend", "mlx"], tmp_path, b"Find and read", b"\x11", env=env
+        )
+    finally:
+        hub.shutdown()
+    assert any("model_000500.pt" in r for r in hub.requests)  # the download had started
+    assert seconds < 3.0
+    assert "Traceback" not in out and "Exception" not in out
+    assert code == 0
+
+
+async def test_typing_after_a_click_in_the_transcript_goes_to_the_prompt(data_home):
+    """Item 5."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        await send(pilot, "hello")
+        await pilot.click("#transcript", offset=(5, 2))
+        prompt = chat.query_one(PromptInput)
+        assert not prompt.has_focus
+        await pilot.press(*"hi there")
+        assert prompt.text == "hi there" and prompt.has_focus
+
+
+def fake_clipboard_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str = "xclip") -> Path:
+    """A ``name`` on PATH that writes what it gets to a file (as xclip puts it on the clipboard)."""
+    bin_dir, out = tmp_path / "bin", tmp_path / "clipboard.txt"
+    bin_dir.mkdir()
+    (bin_dir / name).write_text(f"#!/bin/sh\ncat > {out}\n")
+    (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DISPLAY", ":99")
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    return out
+
+
+async def test_copy_keys_that_ordinary_terminals_send_and_the_system_clipboard(data_home, tmp_path, monkeypatch):
+    """Item 6: F3 / F4 copy (Alt+C / Alt+B stay as extras); the text goes to the system clipboard
+    through the platform's tool when there is one, and the notification says where it went."""
+    clipboard = fake_clipboard_tool(tmp_path, monkeypatch)
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        conv = storage.Conversation(source=SOURCE, generation="g9", turns=[Turn("sum?", CODE_REPLY)])
+        await chat.open_conversation(conv)
+        await pilot.press("f3")
+        assert clipboard.read_text() == app.clipboard == plain_text(CODE_REPLY)
+        assert notices(app, "Last reply copied to the clipboard (xclip)")
+        await pilot.press("f4")
+        assert clipboard.read_text() == app.clipboard == "print('hi')\n"
+        monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+        monkeypatch.delenv("DISPLAY")
+        await pilot.press("alt+c")
+        assert app.clipboard == plain_text(CODE_REPLY)
+        assert notices(app, "sent to the terminal's clipboard (OSC 52)")
+
+
+async def test_reopened_chat_uses_its_saved_temperature_and_top_k(data_home):
+    """Item 10: saved sampling settings come back with the chat."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        await send(pilot, "/temp 0.9")
+        await send(pilot, "/topk 7")
+        await send(pilot, "remember these settings")
+        await send(pilot, "/save tuned")
+        await send(pilot, "/clear")
+        await send(pilot, "/temp 0")
+        await send(pilot, "/topk off")
+        await send(pilot, "/load tuned")
+        p = chat.session.params
+        assert (p.temperature, p.top_k, p.max_tokens) == (0.9, 7, MAX_TOKENS)
+
+
+async def test_deleting_a_chat_asks_first(data_home):
+    """Item 10: Delete asks; a second Delete deletes, Esc keeps it."""
+    store = storage.ConversationStore(data_home / "conversations")
+    store.save(storage.Conversation(id="keep-me", title="keep me", turns=[Turn("hi")]))
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        await pilot.press("delete")
+        await pilot.pause()
+        assert "Press Delete again" in str(app.screen.query_one("#conversations-hint").render())
+        assert store.path("keep-me").exists()
+        await pilot.press("escape")  # keep it: the list stays open
+        assert isinstance(app.screen, ConversationsScreen) and store.path("keep-me").exists()
+        await pilot.press("delete", "delete")
+        await pilot.pause()
+        assert not store.path("keep-me").exists()
+
+
+async def test_export_takes_a_path(data_home, tmp_path, monkeypatch):
+    """Item 10: /export PATH (a file or a folder); no path: the current folder; the notice names it."""
+    monkeypatch.chdir(tmp_path)
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "export me")
+        await send(pilot, f"/export {tmp_path / 'chat.md'}")
+        assert "## You" in (tmp_path / "chat.md").read_text()
+        (tmp_path / "out").mkdir()
+        await send(pilot, "/export out")
+        await send(pilot, "/export")
+        inside = list((tmp_path / "out").glob("*.md"))
+        here = [p for p in tmp_path.glob("*.md") if p.name != "chat.md"]
+        assert len(inside) == 1 and len(here) == 1
+        for path in (tmp_path / "chat.md", inside[0], here[0]):
+            assert notices(app, f"Exported to {path}")
+        await send(pilot, f"/export {tmp_path / 'no' / 'such' / 'x.md'}")
+        assert notices(app, "no folder")
+
+
+HAND_EDITED = {
+    "null-updated.json": lambda ok: {**ok, "id": "null-updated", "updated": None},
+    "int-turns.json": lambda ok: {**ok, "id": "int-turns", "turns": [1, 2]},
+    "int-title.json": lambda ok: {**ok, "id": "int-title", "title": 123},
+    "twin.json": lambda ok: ok,  # a second file with the good file's id
+    "escape.json": lambda ok: {**ok, "id": "../escape"},
+}
+
+
+async def test_hand_edited_chat_files_are_listed_as_unreadable_and_left_untouched(data_home, tmp_path):
+    """Item 10: bad files never crash the list or /load, are never written or deleted, and no path
+    outside the chats folder is ever touched."""
+    store = storage.ConversationStore(data_home / "conversations")
+    good = storage.Conversation(id="good", title="good one", turns=[Turn("hi", [{"type": "text", "text": "yo"}])])
+    store.save(good)
+    ok = json.loads(store.path("good").read_text())
+    for name, edit in HAND_EDITED.items():
+        (store.root / name).write_text(json.dumps(edit(ok)))
+    (store.root / "truncated.json").write_text(json.dumps(ok)[:40])
+    before = {p.name: p.read_bytes() for p in store.root.iterdir()}
+    convs, bad = store.scan()
+    assert [c.id for c in convs] == ["good"]
+    assert sorted(u.path.name for u in bad) == sorted([*HAND_EDITED, "truncated.json"])
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        await send(pilot, "/load twin")  # the unreadable twin is not found; nothing crashes
+        assert notices(app, "no saved conversation called 'twin'")
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        table = app.screen.query_one("#conversations-table")
+        assert table.row_count == 1 + len(HAND_EDITED) + 1
+        for _ in range(table.row_count - 1):  # the good one comes first, then the unreadable files
+            await pilot.press("down", "delete", "delete", "enter")  # neither deleted nor opened
+            await pilot.pause()
+            assert isinstance(app.screen, ConversationsScreen) and table.row_count == 1 + len(HAND_EDITED) + 1
+        await pilot.press(*["up"] * table.row_count, "enter")
+        await wait_for(pilot, lambda: app.screen is chat)
+        assert chat.session.turns[0].user == "hi"  # the good one opens
+    after = {p.name: p.read_bytes() for p in store.root.iterdir() if p.name != "good.json"}
+    assert after == {k: v for k, v in before.items() if k != "good.json"}
+    assert not (data_home / "escape.json").exists() and not (tmp_path / "escape.json").exists()
+    for bad_id in ("../escape", "/tmp/x", "..", ".hidden", "a/b"):
+        with pytest.raises(ValueError):
+            store.path(bad_id)
+    with pytest.raises(ValueError):  # a conversation may not replace an unreadable file of its id
+        store.save(storage.Conversation(id="int-turns"))
+    assert (store.root / "int-turns.json").read_bytes() == before["int-turns.json"]
+
+
+async def test_backend_tip_when_mlx_runs_on_a_cpu_without_torch(data_home, monkeypatch):
+    """Item 7: one line in the welcome card, only where it applies."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        assert "tip:" not in str(chat.query_one("#welcome").render())  # torch is installed here
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # as if torch weren't installed
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        welcome = str(chat.query_one("#welcome").render())
+        assert welcome.count("tip: MLX runs on the CPU") == 1
+
+
+async def test_a_message_too_long_for_the_context_is_refused_and_stays_in_the_prompt(data_home):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        text = "far too long for a context of 640 tokens " * 40
+        chat.query_one(PromptInput).load_text(text)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert notices(app, "message too long")
+        assert chat.session.turns == [] and not chat.generating
+        assert chat.query_one(PromptInput).text == text
+    assert not (data_home / "conversations").exists()

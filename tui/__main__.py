@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from nanochat_mlx.options import LoadOptions
 from nanochat_mlx.sampling import SamplingParams
 
 from .app import run_tui
@@ -16,4 +17,4 @@ if __name__ == "__main__":
         backend = args[i + 1]
         del args[i : i + 2]
     source = args[0] if args else "hf:Antigma/nanochat-d32"
-    sys.exit(run_tui(source, backend=backend, params=SamplingParams()))
+    sys.exit(run_tui(LoadOptions(source, backend=backend), params=SamplingParams()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable
 
@@ -12,9 +13,12 @@ from textual.screen import Screen
 
 from nanochat_mlx.backends import pick_backend
 from nanochat_mlx.errors import NanochatError
+from nanochat_mlx.loading import LoadedModel, Progress, load_model
+from nanochat_mlx.options import LoadOptions
 from nanochat_mlx.sampling import SamplingParams
 
-from .loader import LoadedModel, LoadOptions, ModelThread, describe_error, format_traceback, load_model
+from .clipboard import copy_to_system
+from .loader import ModelThread, describe_error, format_traceback
 from .screens import ChatScreen, ErrorScreen, HelpScreen, LoadingScreen
 from .storage import ConversationStore
 from .widgets.prompt import NEWLINE_KEYS
@@ -35,6 +39,7 @@ class NanochatApp(App[int]):
     """Chat with a nanochat model in the terminal."""
 
     CSS_PATH = "app.tcss"
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (32, "-tall")]  # screens get the class; app.tcss compacts -short
     TITLE = "nanochat-mlx"
     BINDINGS = [
         Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="Quit (the chat is already saved)"),
@@ -83,8 +88,11 @@ class NanochatApp(App[int]):
 
     @work(exclusive=True, group="load")
     async def _load_worker(self, options: LoadOptions, screen: LoadingScreen) -> None:
-        def stage(key: str) -> None:
-            screen.post_message(LoadingScreen.Stage(key))
+        def stage(progress: Progress) -> None:
+            try:
+                screen.post_message(LoadingScreen.Stage(progress))
+            except RuntimeError:  # the app has quit and its event loop is closed
+                pass
 
         try:
             model = await self.model_thread.run(load_model, options, stage)
@@ -99,7 +107,7 @@ class NanochatApp(App[int]):
 
     # --- actions -------------------------------------------------------------------------------
     async def action_quit(self) -> None:
-        """Ctrl+Q: stop any reply and leave (status 0; 1 when no model could be loaded)."""
+        """Ctrl+Q: stop any reply, save, and leave at once (status 0; 1 when no model could be loaded)."""
         for screen in self.screen_stack:
             if isinstance(screen, ChatScreen):
                 screen.cancel_generation()
@@ -123,13 +131,12 @@ class NanochatApp(App[int]):
             ("Click a code block", "Copy that code block"),
             (key_label(self.COMMAND_PALETTE_BINDING), "Command palette: every command, themes, screenshots"),
             ("Tab / Shift+Tab", "Move focus"),
-            ("Ctrl+C", "Copy selected text"),
         ]
         for binding in self.BINDINGS:
             rows.append((key_label(binding.key), binding.tooltip or binding.description))
         rows += [
             ("F2 → Ctrl+S / Esc", "In settings: save / cancel"),
-            ("Ctrl+O → Enter / Delete", "In the chat list: open / delete"),
+            ("Ctrl+O → Enter / Delete", "In the chat list: open / delete (Delete twice: it asks first)"),
         ]
         return rows
 
@@ -148,29 +155,41 @@ class NanochatApp(App[int]):
             yield SystemCommand("Copy last code block", "Copy it to the clipboard", chat.action_copy_code)
         yield SystemCommand("Help", "Every key and slash command", self.action_help)
 
+    def copy_out(self, text: str, what: str) -> None:
+        """Copy ``text`` to the system clipboard (pbcopy, wl-copy, xclip, xsel) and the terminal's (OSC 52)."""
+        self.copy_to_clipboard(text)
+        tool = copy_to_system(text)
+        if tool:
+            self.notify(f"{what} copied to the clipboard ({tool})", timeout=3)
+        else:
+            self.notify(
+                f"{what} sent to the terminal's clipboard (OSC 52). No clipboard tool found here "
+                "(pbcopy, wl-copy, xclip, xsel): if nothing arrives, /export PATH writes the chat to a file",
+                timeout=8,
+            )
+
     def on_unmount(self) -> None:
         self.model_thread.shutdown()
 
 
-def run_tui(
-    source: str,
-    *,
-    step: int | None = None,
-    arch: str | None = None,
-    dtype: str | None = None,
-    quantize: int | None = None,
-    backend: str = "auto",
-    params: SamplingParams,
-    system: str | None = None,
-    debug: bool = False,
-) -> int:
+EXIT_GRACE_S = 0.5  # how long quitting waits for the model thread to notice a stop
+
+
+def run_tui(options: LoadOptions, *, params: SamplingParams, system: str | None = None, debug: bool = False) -> int:
     """Run the chat app until the user quits; the exit status (0, or 1 when no model could be loaded)."""
-    options = LoadOptions(source, step=step, arch=arch, dtype=dtype, quantize=quantize, backend=backend)
     app = NanochatApp(options, params, system, debug=debug)
     try:
         app.run()
     except KeyboardInterrupt:
-        return 130
-    if app.load_error and app.model is None:
-        print(f"error: {app.load_error}", file=sys.stderr)
-    return app.return_code or 0
+        code = 130
+    else:
+        if app.load_error and app.model is None:
+            print(f"error: {app.load_error}", file=sys.stderr)
+        code = app.return_code or 0
+    if not app.model_thread.wait_idle(EXIT_GRACE_S):
+        # A call that can't be interrupted (a download retrying, a forward pass) still runs on the model
+        # thread; interpreter shutdown would wait on it or abort in native code, so leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -1,102 +1,80 @@
-"""Loading a model for the app, on the one thread that runs every model call."""
+"""The thread every model call runs on, and how the app words a failure."""
 
 from __future__ import annotations
 
 import asyncio
-import time
+import queue
+import threading
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, TypeVar
 
-from nanochat_mlx.engine import Engine
 from nanochat_mlx.errors import NanochatError
 
 T = TypeVar("T")
 
-# (stage key, what the loading screen says while it runs)
-STAGES = (
-    ("checkpoint", "Find and read the checkpoint (downloading from the Hub if needed)"),
-    ("model", "Build the model"),
-    ("engine", "Start the engine"),
-)
-
 
 class ModelThread:
-    """One long-lived thread for every model call (load, generate).
+    """One long-lived daemon thread for every model call (load, generate).
 
     MLX streams are thread-local (mlx >= 0.31.2): arrays made on one thread can't be evaluated on
     another, so loading and generation must share a thread; Textual workers would each get a new one.
+    It is a daemon thread and nothing ever joins it, so a call that can't be interrupted (a
+    download's retries, a forward pass) never holds up quitting.
     """
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanochat-model")
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending = 0  # calls queued or running
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._serve, name="nanochat-model", daemon=True)
+        self._thread.start()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        """``fn(*args)`` on the model thread; cancelling the caller doesn't interrupt the call."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        with self._lock:
+            self._pending += 1
+            self._idle.clear()
+        self._jobs.put((fn, args, loop, future))
+        return await future
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the calls queued so far to end; False if one still runs."""
+        return self._idle.wait(timeout)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Let the thread end once the call in progress (if any) returns."""
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args, loop, future = job
+            result = error = None
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, which reports it
+                error = exc
+            with self._lock:
+                self._pending -= 1
+                if not self._pending:
+                    self._idle.set()
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the app's event loop has closed (it quit): nobody waits for this
+                pass
 
 
-@dataclass(frozen=True)
-class LoadOptions:
-    """Which model to load and how (the CLI's model options)."""
-
-    source: str
-    step: int | None = None
-    arch: str | None = None
-    dtype: str | None = None
-    quantize: int | None = None
-    backend: str = "auto"
-
-    def with_source(self, source: str) -> LoadOptions:
-        return replace(self, source=source)
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to chat with, and what the status bar says about it."""
-
-    options: LoadOptions
-    checkpoint: Any  # nanochat_mlx.checkpoint.Checkpoint
-    engine: Engine
-    seconds: float
-
-    @property
-    def name(self) -> str:
-        return short_name(self.checkpoint.files.origin)
-
-    @property
-    def generation(self) -> str:
-        return self.checkpoint.spec.name
-
-    @property
-    def backend(self) -> str:
-        return f"{self.engine.runner.name} · {self.engine.runner.device}"
-
-    @property
-    def precision(self) -> str:
-        bits = self.options.quantize or (self.checkpoint.quantization or {}).get("bits")
-        return self.engine.runner.dtype + (f" · q{bits}" if bits else "")
-
-    @property
-    def n_params(self) -> int:
-        return self.checkpoint.n_params
-
-
-def short_name(origin: str) -> str:
-    """A source as people call it: the repo for hf:, the folder name for paths."""
-    if origin.startswith("hf:"):
-        return origin[3:].split("@")[0]
-    if origin.startswith("nanochat:"):
-        return origin
-    path = Path(origin)
-    if path.suffix in (".pt", ".safetensors"):
-        path = path.parent
-    return path.name or str(origin)
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def format_count(n: int) -> str:
@@ -104,22 +82,6 @@ def format_count(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f}{unit}".replace(".0", "")
     return str(n)
-
-
-def load_model(options: LoadOptions, stage: Callable[[str], None]) -> LoadedModel:
-    """Resolve, read, build: calls ``stage(key)`` as each of :data:`STAGES` starts."""
-    from nanochat_mlx.checkpoint import read_checkpoint
-    from nanochat_mlx.loading import build_model, check_options
-
-    start = time.perf_counter()
-    check_options(options.dtype, options.quantize)
-    stage("checkpoint")
-    ckpt = read_checkpoint(options.source, step=options.step, arch=options.arch)
-    stage("model")
-    model = build_model(ckpt, dtype=options.dtype, quantize=options.quantize, backend=options.backend)
-    stage("engine")
-    engine = Engine(model, ckpt.tokenizer)
-    return LoadedModel(options, ckpt, engine, time.perf_counter() - start)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""Reading a reply's text: prose and calculator calls, and Markdown export of a conversation."""
+"""A reply's message parts as the screen shows them (prose and calculator calls), and Markdown export."""
 
 from __future__ import annotations
 
@@ -6,12 +6,7 @@ import re
 import time
 from dataclasses import dataclass
 
-PY_START, PY_END = "<|python_start|>", "<|python_end|>"
-OUT_START, OUT_END = "<|output_start|>", "<|output_end|>"
-SPECIAL_TOKENS = (
-    "<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-    PY_START, PY_END, OUT_START, OUT_END,
-)  # fmt: skip
+from nanochat_mlx.session import Turn
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -31,77 +26,60 @@ class Segment:
     state: str = "done"  # tool: "typing", "running", "output", "done" or "refused"
 
 
-def split_reply(reply: str, finished: bool = False) -> list[Segment]:
-    """Cut a reply into prose and tool calls at the special-token markers the engine streams."""
+def segments(parts: list[dict], results: list[str | None] | None = None, finished: bool = True) -> list[Segment]:
+    """The reply's parts (the reference's ``text``/``python``/``python_output``) as segments.
+
+    ``results``: what the calculator answered to each closed python part so far (None: refused),
+    while a reply streams; a finished reply needs none (a python part with no output got none).
+    """
     segs: list[Segment] = []
-    i = 0
-    while i < len(reply):
-        j = reply.find(PY_START, i)
-        if j < 0:
-            segs.append(Segment("text", reply[i:]))
-            break
-        if j > i:
-            segs.append(Segment("text", reply[i:j]))
-        j += len(PY_START)
-        k = reply.find(PY_END, j)
-        if k < 0:
-            segs.append(Segment("tool", reply[j:], state="refused" if finished else "typing"))
-            break
-        seg = Segment("tool", reply[j:k], state="running")
-        i = k + len(PY_END)
-        if reply.startswith(OUT_START, i):
-            i += len(OUT_START)
-            m = reply.find(OUT_END, i)
-            if m < 0:
-                seg.result, seg.state, i = reply[i:], "done" if finished else "output", len(reply)
+    calls = 0
+    for i, part in enumerate(parts):
+        kind, text = part["type"], part["text"]
+        last = i == len(parts) - 1
+        if kind == "text":
+            segs.append(Segment("text", text))
+        elif kind == "python":
+            if finished or not last:
+                state = "refused"  # an output part that follows says otherwise
+            elif results is not None and calls < len(results):
+                state = "refused" if results[calls] is None else "running"
             else:
-                seg.result, seg.state, i = reply[i:m], "done", m + len(OUT_END)
-        elif i < len(reply) or finished:
-            seg.state = "refused"
-        segs.append(seg)
+                state = "typing"
+            calls += 1
+            segs.append(Segment("tool", text, state=state))
+        elif segs and segs[-1].kind == "tool" and segs[-1].result is None:  # the python part's output
+            segs[-1].result, segs[-1].state = text, "output" if last and not finished else "done"
+        else:  # an output with no call before it: show it as a call without an expression
+            segs.append(Segment("tool", "", text))
     return segs
 
 
-def plain_reply(reply: str) -> str:
-    """The reply as text to copy: tool calls written out as ``calc(expr) = result``."""
-    parts = []
-    for seg in split_reply(reply, finished=True):
+def plain_text(parts: list[dict]) -> str:
+    """The reply as text to copy: tool calls written out as ``expr = result``."""
+    out = []
+    for seg in segments(parts):
         if seg.kind == "text":
-            parts.append(seg.text)
+            out.append(seg.text)
         else:
-            parts.append(f"`{seg.text} = {seg.result}`" if seg.result is not None else f"`{seg.text}`")
-    return "".join(parts)
+            out.append(f"`{seg.text} = {seg.result}`" if seg.result is not None else f"`{seg.text}`")
+    return "".join(out)
 
 
-def to_markdown(title: str, model: str, system: str | None, turns: list[dict]) -> str:
+def to_markdown(title: str, model: str, system: str | None, turns: list[Turn]) -> str:
     """A conversation as a Markdown document."""
     lines = [f"# {title}", "", f"_{model} · exported {time.strftime('%Y-%m-%d %H:%M')}_", ""]
     if system:
         lines += ["**System prompt:**", "", system, ""]
     for turn in turns:
-        lines += ["## You", "", turn.get("user", ""), "", "## nanochat", ""]
-        for seg in split_reply(turn.get("reply", ""), finished=True):
+        lines += ["## You", "", turn.user, "", "## nanochat", ""]
+        for seg in segments(turn.parts):
             if seg.kind == "text":
                 lines.append(seg.text.strip("\n"))
             else:
                 result = seg.result if seg.result is not None else "(no result)"
                 lines += ["", f"> 🧮 calculator: `{seg.text}` → `{result}`", ""]
-        if turn.get("stopped"):
+        if turn.stopped:
             lines += ["", "_(stopped)_"]
         lines.append("")
     return "\n".join(lines)
-
-
-def retokenize(tokenizer, text: str) -> list[int]:
-    """Token ids for a saved reply's text, with the markers as special tokens (for another model)."""
-    pattern = re.compile("|".join(re.escape(s) for s in SPECIAL_TOKENS))
-    ids: list[int] = []
-    pos = 0
-    for m in pattern.finditer(text):
-        if m.start() > pos:
-            ids += tokenizer.encode(text[pos : m.start()])
-        ids.append(tokenizer.encode_special(m.group()))
-        pos = m.end()
-    if pos < len(text):
-        ids += tokenizer.encode(text[pos:])
-    return ids

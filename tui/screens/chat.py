@@ -4,30 +4,32 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Right, Vertical, VerticalScroll
 from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static, TextArea
+from textual.widgets import Footer, Header, Input, Static, TextArea
 
-from nanochat_mlx.engine import GenerationEvent, GenerationStats
+from nanochat_mlx.backends import backend_hint
+from nanochat_mlx.engine import GenerationEvent, GenerationStats, Piece, ToolCall
 from nanochat_mlx.errors import NanochatError
+from nanochat_mlx.loading import LoadedModel
 from nanochat_mlx.sampling import SamplingParams
 from nanochat_mlx.session import ChatSession, Turn
 
 from ..commands import BY_NAME, parse, suggestions
-from ..loader import LoadedModel, describe_error, format_count
-from ..reply import retokenize, to_markdown
-from ..storage import Conversation, ConversationStore, atomic_write_text, exports_dir, slug
+from ..loader import describe_error, format_count
+from ..reply import to_markdown
+from ..storage import Conversation, ConversationStore, atomic_write_text, slug
 from ..widgets import AssistantMessage, PromptInput, StatusBar, UserMessage
-from ..widgets.status import Speed
 from .conversations import ConversationsScreen
 from .settings import Settings, SettingsScreen
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 FLUSH_INTERVAL_S = 1 / 30  # at most this often the model thread sends text to the UI
 # Commands that change the conversation and so must wait for the reply in progress.
 _EDITS = {"clear", "regen", "undo", "system", "load"}
+CONTEXT_START = "▲ the model no longer sees the turns above (they stay in the saved chat)"
 
 
 class ChatScreen(Screen):
@@ -44,12 +47,13 @@ class ChatScreen(Screen):
 
     BINDINGS = [
         Binding("escape", "stop", "Stop", tooltip="Stop the reply in progress (the partial reply stays)"),
-        Binding("ctrl+n", "new_chat", "New chat", tooltip="Start a new chat (the current one stays saved)"),
-        Binding("ctrl+r", "regenerate", "Regenerate", tooltip="Regenerate the last reply"),
-        Binding("ctrl+o", "conversations", "Chats", tooltip="Reopen a saved chat"),
+        Binding("ctrl+c", "stop", "Stop", show=False, priority=True, tooltip="Stop the reply; else copy the selection"),
+        Binding("ctrl+n", "new_chat", "New", tooltip="Start a new chat (the current one stays saved)"),
+        Binding("ctrl+r", "regenerate", "Regen", tooltip="Regenerate the last reply"),
+        Binding("ctrl+o", "conversations", "Chats", tooltip="Reopen or delete a saved chat"),
         Binding("f2", "settings", "Settings", tooltip="Sampling settings and system prompt"),
-        Binding("alt+c", "copy_reply", "Copy reply", show=False, tooltip="Copy the last reply"),
-        Binding("alt+b", "copy_code", "Copy code", show=False, tooltip="Copy the last code block"),
+        Binding("f3,alt+c", "copy_reply", "Copy", tooltip="Copy the last reply"),
+        Binding("f4,alt+b", "copy_code", "Copy code", show=False, tooltip="Copy the last code block"),
     ]
 
     generating: reactive[bool] = reactive(False)
@@ -57,8 +61,10 @@ class ChatScreen(Screen):
     @dataclass
     class ReplyDelta(Message):
         view: AssistantMessage
-        text: str
-        speed: Speed
+        pieces: list[Piece]
+        calls: list[ToolCall]
+        notices: list[str]
+        stats: GenerationStats | None = None
 
     @dataclass
     class ReplyDone(Message):
@@ -76,6 +82,7 @@ class ChatScreen(Screen):
     ) -> None:
         super().__init__()
         self.model = model
+        self.default_params = params
         self.session = ChatSession(model.engine, system_prompt=system, params=params)
         self.store = store
         self.show_timing = show_timing
@@ -91,35 +98,35 @@ class ChatScreen(Screen):
             with VerticalScroll(id="transcript"):
                 yield self._welcome()
             yield Static("", id="hint")
-            yield PromptInput(
-                id="prompt",
-                placeholder="Message nanochat…  (Enter send · Shift+Enter new line · /help commands)",
-            )
+            yield PromptInput(id="prompt", placeholder="Message nanochat…  (Enter send · /help commands)")
             yield StatusBar(show_timing=self.show_timing, id="status")
         yield Footer()
 
     def _welcome(self) -> Static:
         m = self.model
         text = Text()
-        text.append(f"◆ {m.name}", "bold").append(f"   generation {m.generation}\n", "bold")
-        text.append(f"{format_count(m.n_params)} parameters · {m.backend} · {m.precision} · ")
-        text.append(f"context {m.engine.context_limit} tokens")
+        text.append(f"◆ {m.name} · generation {m.generation}\n", "bold")
+        text.append(f"{format_count(m.n_params)} parameters · {m.backend} · {m.device} · {m.precision} · ")
+        text.append(f"context {m.context_limit} tokens")
         text.append(f" · loaded in {m.seconds:.1f} s\n" if self.show_timing else "\n")
         text.append(f"generation detected from: {m.checkpoint.how}\n", "dim")
         for note in m.checkpoint.notes:
             text.append(f"note: {note}\n", "italic")
+        if hint := backend_hint(m.backend, m.device):
+            text.append(f"tip: {hint}\n", "italic")
         text.append("\nType a message and press Enter.\n")
-        text.append("Shift+Enter or Ctrl+J: new line · ↑/↓: earlier messages · Esc: stop a reply\n", "dim")
-        text.append("/help: commands · F1: every key · Ctrl+P: command palette and themes", "dim")
+        text.append("Shift+Enter or Ctrl+J: new line · ↑/↓: earlier messages · Esc or Ctrl+C: stop\n", "dim")
+        text.append("/help: commands · F1: every key · Ctrl+P: command palette", "dim")
         welcome = Static(text, id="welcome")
         welcome.border_title = "nanochat-mlx"
         return welcome
 
     def on_mount(self) -> None:
         status = self.query_one(StatusBar)
-        status.set_model(self.model.name, self.model.generation, self.model.backend, self.model.precision)
-        status.set_speed(None)
-        status.set_state(False)
+        m = self.model
+        status.set_model(m.name, m.generation, f"{m.backend} · {m.device}", m.precision)
+        status.set_stats(None)
+        status.set_state("")
         self._update_context()
         self.query_one("#transcript", VerticalScroll).anchor()
         prompt = self.query_one(PromptInput)
@@ -132,21 +139,29 @@ class ChatScreen(Screen):
         self.sub_title = self.conversation.display_title
 
     def _update_context(self) -> None:
-        self.query_one(StatusBar).set_context(self.session.context_used(), self.model.engine.context_limit)
+        self.query_one(StatusBar).set_context(self.session.context_used(), self.model.context_limit)
 
     def watch_generating(self, generating: bool) -> None:
         if self.is_mounted:
-            self.query_one(StatusBar).set_state(generating)
+            self.query_one(StatusBar).set_state("● generating" if generating else "")
         self.refresh_bindings()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "stop":
-            return self.generating
+            return self.generating  # Ctrl+C copies (the prompt's or the screen's selection) otherwise
         if action in ("regenerate", "new_chat"):
             return None if self.generating else True
         return True
 
     # --- input ---------------------------------------------------------------------------------
+    def on_key(self, event: events.Key) -> None:
+        """A printable key that reached the screen (the transcript had focus, after a click): type it."""
+        if event.is_printable and event.character and not isinstance(self.focused, (Input, TextArea)):
+            event.stop()
+            prompt = self.query_one(PromptInput)
+            prompt.focus()
+            prompt.insert(event.character)
+
     def on_text_area_changed(self, event: TextArea.Changed) -> None:
         if not isinstance(event.text_area, PromptInput):
             return
@@ -166,82 +181,112 @@ class ChatScreen(Screen):
         if self.generating and (command is None or command[0] in _EDITS):
             self.notify("A reply is still streaming: press Esc to stop it first", severity="warning", timeout=3)
             return
+        if command is not None:
+            event.prompt.clear()
+            event.prompt.remember(text)
+            await self.run_command(*command)
+            return
+        try:
+            await self.send(text[1:] if text.startswith("//") else text)
+        except NanochatError as e:  # empty, or too long for the context: the text stays in the prompt
+            self.notify(str(e), severity="error", timeout=6)
+            return
         event.prompt.clear()
         event.prompt.remember(text)
-        if command is not None:
-            await self.run_command(*command)
-        else:
-            await self.send(text[1:] if text.startswith("//") else text)
 
     async def send(self, text: str) -> None:
-        """Send a user message and stream the reply."""
+        """Send a user message (saved at once) and stream the reply."""
+        events_ = self.session.stream(text)  # raises before anything changes when it can't be sent
+        self.save(stopping=True)  # until its reply ends, the file holds the turn as cut short
         await self._hide_welcome()
         transcript = self.query_one("#transcript", VerticalScroll)
         view = AssistantMessage(label=self._label())
-        await transcript.mount_all([Right(UserMessage(text)), view])
-        self._start(self.session.stream(text), view)
+        await transcript.mount_all([self._user_row(text), view])
+        await self._mark_context_start()
+        self._start(events_, view)
 
     def _label(self) -> str:
         return f"nanochat · {self.model.generation}"
+
+    @staticmethod
+    def _user_row(text: str) -> Right:
+        return Right(UserMessage(text), classes="user-row")
 
     async def _hide_welcome(self) -> None:
         for welcome in self.query("#welcome"):
             await welcome.remove()
 
+    async def _mark_context_start(self) -> None:
+        """A line above the first turn the model still sees (none while it sees them all)."""
+        await self.query(".context-start").remove()
+        start = self.session.context_start
+        rows = self.query(".user-row")
+        if 0 < start < len(rows):
+            divider = Static(CONTEXT_START, classes="context-start")
+            await self.query_one("#transcript").mount(divider, before=rows[start])
+
     # --- generation ----------------------------------------------------------------------------
-    def _start(self, events: Iterator[GenerationEvent], view: AssistantMessage) -> None:
+    def _start(self, events_: Iterator[GenerationEvent], view: AssistantMessage) -> None:
         self._cancel.clear()
         self.generating = True
-        self.query_one(StatusBar).set_speed(Speed())
-        self._reply_worker(events, view)
+        self.query_one(StatusBar).set_stats(None)
+        self._reply_worker(events_, view)
 
     @work(exclusive=True, group="reply")
-    async def _reply_worker(self, events: Iterator[GenerationEvent], view: AssistantMessage) -> None:
-        await self.app.model_thread.run(self._drive, events, view)
+    async def _reply_worker(self, events_: Iterator[GenerationEvent], view: AssistantMessage) -> None:
+        await self.app.model_thread.run(self._drive, events_, view)
 
-    def _drive(self, events: Iterator[GenerationEvent], view: AssistantMessage) -> None:
-        """On the model thread: pull events, batch text, post it; stop at once when cancelled."""
-        runner = self.model.engine.runner
-        start = time.perf_counter()
-        first_at: float | None = None
-        tokens = 0
-        pending: list[str] = []
+    def _drive(self, events_: Iterator[GenerationEvent], view: AssistantMessage) -> None:
+        """On the model thread: pull events, batch them, post them; stop at the next event when cancelled."""
+        delta = self.ReplyDelta(view, [], [], [])
         last_flush = 0.0
         error: str | None = None
 
         def flush(now: float) -> None:
-            nonlocal pending, last_flush
-            tps = (tokens - 1) / (now - first_at) if first_at is not None and tokens > 1 and now > first_at else 0.0
-            ttft = first_at - start if first_at is not None else None
-            speed = Speed(tokens, tps, ttft, runner.peak_memory())
-            self.post_message(self.ReplyDelta(view, "".join(pending), speed))
-            pending, last_flush = [], now
+            nonlocal delta, last_flush
+            self._post(delta)
+            delta, last_flush = self.ReplyDelta(view, [], [], []), now
 
         try:
-            for event in events:
+            for event in events_:
                 if self._cancel.is_set():
                     break
+                delta.pieces += [p for p in event.pieces if p.row == 0]
+                delta.calls += event.tool_calls
+                delta.notices += event.notices
+                delta.stats = event.stats
                 now = time.perf_counter()
-                if event.stats is None:
-                    tokens += 1
-                    first_at = first_at or now
-                pending.append(event.text)
-                if event.tool_calls or event.stats is not None or now - last_flush >= FLUSH_INTERVAL_S:
+                urgent = not event.tokens or event.tool_calls or event.notices or event.final
+                if urgent or now - last_flush >= FLUSH_INTERVAL_S:
                     flush(now)
         except Exception as exc:  # shown as one line; the app never shows a traceback
             error = describe_error(exc)
         finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()  # cancels generation in the engine
-        if pending:
+            events_.close()  # stops the engine now; the session marks the turn stopped
+        if delta.pieces or delta.calls or delta.notices:
             flush(time.perf_counter())
-        self.post_message(self.ReplyDone(view, error))
+        self._post(self.ReplyDone(view, error))
+
+    def _post(self, message: Message) -> None:
+        try:
+            self.post_message(message)
+        except RuntimeError:  # the app has quit and its event loop is closed
+            pass
 
     async def on_chat_screen_reply_delta(self, message: ReplyDelta) -> None:
-        await message.view.append(message.text)
-        status = self.query_one(StatusBar)
-        status.set_speed(message.speed)
+        for notice in message.notices:
+            self.notify(notice, severity="warning", timeout=8)
+        await message.view.add(message.pieces, message.calls)
+        stats = message.stats
+        if stats is not None and self.generating and not self._cancel.is_set():
+            status = self.query_one(StatusBar)
+            status.set_stats(stats)
+            if stats.generated_tokens == 0 and stats.prefill_tokens:
+                reading = f"reading prompt {stats.prefilled}/{stats.prefill_tokens}"
+                status.set_state(reading)
+                message.view.waiting(f"▍ {reading}…")
+            else:
+                status.set_state("● generating")
         self._update_context()
 
     async def on_chat_screen_reply_done(self, message: ReplyDone) -> None:
@@ -249,21 +294,11 @@ class ChatScreen(Screen):
         self.generating = False
         if self._params_after is not None:
             self.session.params, self._params_after = self._params_after, None
-        if message.error or turn is None or turn.reply != message.view.text:
-            if message.error:
-                self.notify(message.error, title="Generation failed", severity="error", timeout=8)
-            await self.render_transcript()
-        else:
-            await message.view.finish(stopped=turn.stopped, footer=self._footer(turn.stats))
-            if turn.stats is not None:
-                s = turn.stats
-                speed = Speed(s.generated_tokens, s.decode_tps, s.ttft_s, s.peak_memory_bytes)
-                self.query_one(StatusBar).set_speed(speed)
-        if self.session.notices:
-            for notice in self.session.notices:
-                self.notify(notice, severity="warning", timeout=6)
-            self.session.notices.clear()
-            await self.render_transcript()
+        if message.error:
+            self.notify(message.error, title="Generation failed", severity="error", timeout=8)
+        if turn is not None:
+            await message.view.finish(turn.parts, stopped=turn.stopped, footer=self._footer(turn.stats))
+            self.query_one(StatusBar).set_stats(turn.stats)
         self._update_context()
         self.save()
 
@@ -271,7 +306,7 @@ class ChatScreen(Screen):
         if stats is None:
             return ""
         parts = [f"{stats.generated_tokens} tokens"]
-        if self.show_timing:
+        if self.show_timing and stats.generated_tokens:
             parts += [f"{stats.decode_tps:.1f} tok/s", f"ttft {stats.ttft_s * 1000:.0f} ms"]
         if stats.stopped == "max_tokens":
             parts.append("max tokens reached")
@@ -280,12 +315,16 @@ class ChatScreen(Screen):
         return " · ".join(parts)
 
     def action_stop(self) -> None:
-        """Esc: stop the reply; the model thread sees the flag before its next token."""
+        """Esc or Ctrl+C: stop the reply; the model thread sees the flag at its next event (prefill included)."""
         if self.generating:
             self._cancel.set()
+            self.query_one(StatusBar).set_state("■ stopping…")
 
     def cancel_generation(self) -> None:
-        self._cancel.set()
+        """Quitting: stop the reply and save what there is (its user message is already saved)."""
+        if self.generating:
+            self._cancel.set()
+            self.save(stopping=True)
 
     # --- conversation edits ----------------------------------------------------------------------
     async def action_new_chat(self) -> None:
@@ -310,9 +349,11 @@ class ChatScreen(Screen):
             self._regens += 1
             self._params_after = params
             self.session.params = params.with_(seed=params.seed + self._regens)
+        events_ = self.session.regenerate()
         view = AssistantMessage(label=self._label())
         await self.query_one("#transcript", VerticalScroll).mount(view)
-        self._start(self.session.regenerate(), view)
+        await self._mark_context_start()
+        self._start(events_, view)
 
     async def undo(self) -> None:
         turn = self.session.undo()
@@ -327,7 +368,10 @@ class ChatScreen(Screen):
         if self.session.turns:
             self.save()
         else:
-            self.store.delete(self.conversation.id)
+            try:
+                self.store.delete(self.conversation.id)
+            except (OSError, ValueError) as e:
+                self.notify(f"couldn't delete the saved chat: {e}", severity="error")
 
     async def render_transcript(self) -> None:
         """Rebuild the transcript from the session's turns."""
@@ -335,29 +379,30 @@ class ChatScreen(Screen):
         await transcript.remove_children()
         widgets = []
         for turn in self.session.turns:
-            widgets.append(Right(UserMessage(turn.user)))
-            widgets.append(
-                AssistantMessage(turn.reply, label=self._label(), stopped=turn.stopped, footer=self._footer(turn.stats))
-            )
+            widgets.append(self._user_row(turn.user))
+            footer = self._footer(turn.stats)
+            widgets.append(AssistantMessage(turn.parts, label=self._label(), stopped=turn.stopped, footer=footer))
         await transcript.mount_all(widgets or [self._welcome()])
+        await self._mark_context_start()
         transcript.scroll_end(animate=False)
         self._update_context()
         self._update_title()
 
     # --- persistence ---------------------------------------------------------------------------
     def _new_conversation(self) -> Conversation:
-        return Conversation(source=self.model.options.source, generation=self.model.generation)
+        return Conversation(source=self.model.source, generation=self.model.generation)
 
-    def save(self, title: str | None = None) -> bool:
-        """Write the conversation (atomically) to the store."""
+    def save(self, title: str | None = None, *, stopping: bool = False) -> bool:
+        """Write the conversation (atomically) to the store; ``stopping``: the last reply is cut short."""
         conv = self.conversation
         if title:
             conv.title = title
         conv.system = self.session.system_prompt
         conv.params = self.session.params.to_dict()
-        conv.turns = [
-            {**t.to_dict(), "stats": asdict(t.stats) if t.stats is not None else None} for t in self.session.turns
-        ]
+        conv.turns = list(self.session.turns)
+        if stopping and conv.turns:
+            last = conv.turns[-1]
+            conv.turns[-1] = Turn(last.user, list(last.parts), list(last.reply_tokens), True, last.stats)
         try:
             self.store.save(conv)
         except (OSError, ValueError) as e:
@@ -367,22 +412,16 @@ class ChatScreen(Screen):
         return True
 
     async def open_conversation(self, conv: Conversation, announce: bool = True) -> None:
-        """Make ``conv`` the current chat."""
-        tokenizer = self.model.engine.tokenizer
-        same_model = conv.source == self.model.options.source
-        turns = []
-        for data in conv.turns:
-            turn = Turn.from_dict(data)
-            if not same_model or not turn.reply_tokens:
-                turn.reply_tokens = retokenize(tokenizer, turn.reply)
-            try:
-                turn.stats = GenerationStats(**data["stats"]) if data.get("stats") else None
-            except TypeError:
-                turn.stats = None
-            turns.append(turn)
+        """Make ``conv`` the current chat, with its system prompt and sampling settings."""
+        vocab = self.model.tokenizer.vocab_size
+        for turn in conv.turns:
+            foreign = conv.source != self.model.source or any(not 0 <= t < vocab for t in turn.reply_tokens)
+            if foreign or not turn.reply_tokens:
+                self.session.retokenize(turn)
         self.session.clear()
-        self.session.load_turns(turns)
+        self.session.load_turns(conv.turns)
         self.session.set_system(conv.system)
+        self.session.params = conv.sampling(self.default_params)
         self.conversation = conv
         await self.render_transcript()
         if announce:
@@ -438,7 +477,7 @@ class ChatScreen(Screen):
         if not self.session.turns:
             raise NanochatError("nothing to save yet")
         if self.save(title=arg or None):
-            self.notify(f"Saved “{self.conversation.display_title}”", timeout=3)
+            self.notify(f"Saved “{self.conversation.display_title}” in {self.store.root}", timeout=5)
 
     async def _cmd_load(self, arg: str) -> None:
         if not arg:
@@ -450,18 +489,23 @@ class ChatScreen(Screen):
         await self.open_conversation(conv)
 
     async def _cmd_export(self, arg: str) -> None:
+        """``/export [PATH]``: the chat as Markdown in PATH (a file, or a folder), else the current folder."""
         if not self.session.turns:
             raise NanochatError("nothing to export yet")
         conv = self.conversation
-        turns = [t.to_dict() for t in self.session.turns]
         model = f"{self.model.name} ({self.model.generation})"
-        text = to_markdown(conv.display_title, model, self.session.system_prompt, turns)
-        path = exports_dir() / f"{slug(conv.display_title)}-{conv.id}.md"
+        text = to_markdown(conv.display_title, model, self.session.system_prompt, self.session.turns)
+        path = Path(arg).expanduser() if arg else Path.cwd()
+        if path.is_dir():
+            path = path / f"{slug(conv.display_title)}-{conv.id}.md"
+        path = path.absolute()
+        if not path.parent.is_dir():
+            raise NanochatError(f"can't export to {path}: no folder {path.parent}")
         try:
             atomic_write_text(path, text)
         except OSError as e:
-            raise NanochatError(f"couldn't write {path}: {e}") from None
-        self.notify(f"Exported to {path}", timeout=6)
+            raise NanochatError(f"couldn't write {path}: {e.strerror or e}") from None
+        self.notify(f"Exported to {path}", title="Export", timeout=15)
 
     async def _cmd_copy(self, arg: str) -> None:
         if arg.lower() == "code":
@@ -481,15 +525,13 @@ class ChatScreen(Screen):
         if not views or not views.last().text:
             self.notify("No reply to copy yet", severity="warning", timeout=2)
             return
-        self.app.copy_to_clipboard(views.last().plain_text())
-        self.notify("Last reply copied to the clipboard", timeout=2)
+        self.app.copy_out(views.last().plain_text(), "Last reply")
 
     def action_copy_code(self) -> None:
         for view in reversed(list(self.query(AssistantMessage))):
             blocks = view.code_blocks()
             if blocks:
-                self.app.copy_to_clipboard(blocks[-1])
-                self.notify("Code block copied to the clipboard", timeout=2)
+                self.app.copy_out(blocks[-1], "Code block")
                 return
         self.notify("No code block in the replies yet", severity="warning", timeout=2)
 
@@ -516,7 +558,7 @@ class ChatScreen(Screen):
                 return
             try:
                 conv = self.store.load(conv_id)
-            except (OSError, ValueError, TypeError) as e:
+            except (OSError, ValueError) as e:
                 self.notify(f"couldn't open that conversation: {e}", severity="error")
                 return
             await self.open_conversation(conv)

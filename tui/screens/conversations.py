@@ -1,4 +1,4 @@
-"""The list of saved conversations, to reopen (Enter) or delete (Delete) one."""
+"""The list of saved conversations, to reopen (Enter) or delete (Delete, twice) one."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Label
 
-from ..storage import ConversationStore
+from ..storage import ConversationStore, Unreadable
+
+HINT = "Enter open · Delete remove · Esc close"
+UNREADABLE = "unreadable:"  # row keys of files that can't be opened
 
 
 def _when(ts: float) -> str:
@@ -19,10 +22,10 @@ def _when(ts: float) -> str:
 
 
 class ConversationsScreen(ModalScreen[str | None]):
-    """Pick a saved chat; dismisses with its id."""
+    """Pick a saved chat; dismisses with its id. Unreadable files are listed, never opened or deleted."""
 
     BINDINGS = [
-        Binding("escape", "dismiss_none", "Close"),
+        Binding("escape", "close", "Close"),
         Binding("delete", "delete", "Delete"),
     ]
 
@@ -30,12 +33,15 @@ class ConversationsScreen(ModalScreen[str | None]):
         super().__init__()
         self.store = store
         self.current = current
+        self.unreadable: dict[str, Unreadable] = {}
+        self.titles: dict[str, str] = {}
+        self.armed: str | None = None  # the row a first Delete asked about
 
     def compose(self) -> ComposeResult:
         with Vertical(id="conversations-card", classes="dialog"):
             yield Label("Conversations", classes="dialog-title")
             yield DataTable(id="conversations-table", cursor_type="row", zebra_stripes=True)
-            yield Label("Enter open · Delete remove · Esc close", classes="dialog-hint")
+            yield Label(HINT, id="conversations-hint", classes="dialog-hint")
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
@@ -46,27 +52,70 @@ class ConversationsScreen(ModalScreen[str | None]):
     def _fill(self) -> None:
         table = self.query_one(DataTable)
         table.clear()
-        convs = self.store.list()
+        convs, bad = self.store.scan()
+        self.titles = {conv.id: conv.display_title for conv in convs}
         for conv in convs:
             title = Text(conv.display_title, style="bold" if conv.id == self.current else "")
             table.add_row(title, str(len(conv.turns)), conv.generation or "", _when(conv.updated), key=conv.id)
-        if not convs:
-            self.query_one(".dialog-hint", Label).update("No saved conversations yet · Esc close")
+        self.unreadable = {UNREADABLE + u.path.name: u for u in bad}
+        for key, u in self.unreadable.items():
+            table.add_row(Text(f"⚠ {u.path.name}: unreadable", style="dim"), "", "", "", key=key)
+        self._hint(HINT if convs or bad else "No saved conversations yet · Esc close")
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        self.dismiss(event.row_key.value)
+    def _hint(self, text: str) -> None:
+        self.query_one("#conversations-hint", Label).update(Text(text))
 
-    def action_dismiss_none(self) -> None:
-        self.dismiss(None)
-
-    def action_delete(self) -> None:
+    def _key(self) -> str | None:
         table = self.query_one(DataTable)
         if table.row_count == 0:
+            return None
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._disarm()
+        bad = self.unreadable.get(event.row_key.value or "")
+        if bad is not None:
+            self._hint(f"{bad.path}: {bad.reason} (left as it is)")
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        key = event.row_key.value
+        if key in self.unreadable:
+            self.notify(f"can't open {self.unreadable[key].path.name}: {self.unreadable[key].reason}", severity="error")
             return
-        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        if key and key != self.current:
-            self.store.delete(key)
-            self._fill()
-            self.notify("Conversation deleted", timeout=2)
-        elif key == self.current:
+        self.dismiss(key)
+
+    def _disarm(self) -> None:
+        if self.armed is not None:
+            self.armed = None
+            self._hint(HINT)
+
+    def action_close(self) -> None:
+        """Esc: cancel a pending delete, else close."""
+        if self.armed is not None:
+            self._disarm()
+        else:
+            self.dismiss(None)
+
+    def action_delete(self) -> None:
+        """The first Delete asks; a second one on the same row deletes."""
+        key = self._key()
+        if key is None:
+            return
+        if key in self.unreadable:
+            self.notify("Unreadable files are left as they are; remove them by hand if you want", severity="warning")
+            return
+        if key == self.current:
             self.notify("That's the open chat; start a new one first (Ctrl+N)", severity="warning")
+            return
+        if self.armed != key:
+            self.armed = key
+            self._hint(f"Delete “{self.titles[key]}”? Press Delete again to delete it, Esc to keep it")
+            return
+        self.armed = None
+        try:
+            self.store.delete(key)
+        except (OSError, ValueError) as e:
+            self.notify(f"couldn't delete it: {e}", severity="error")
+        else:
+            self.notify("Conversation deleted", timeout=2)
+        self._fill()

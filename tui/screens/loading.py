@@ -14,7 +14,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Label, ProgressBar, Static
 
-from ..loader import STAGES
+from nanochat_mlx.loading import STAGES, Progress
 
 _PERCENT = re.compile(r"(\d{1,3})%")
 
@@ -24,7 +24,7 @@ class LoadingScreen(Screen):
 
     @dataclass
     class Stage(Message):
-        key: str
+        progress: Progress
 
     def __init__(self, source: str, backend: str) -> None:
         super().__init__()
@@ -55,10 +55,15 @@ class LoadingScreen(Screen):
         self.query_one("#loading-elapsed", Label).update(f"{time.monotonic() - self.started:.0f} s")
 
     def on_loading_screen_stage(self, message: Stage) -> None:
-        self.current = message.key
-        self._render_stages()
-        self.query_one("#loading-detail", Label).update("")
-        self.query_one("#loading-progress", ProgressBar).update(total=None, progress=0)
+        progress = message.progress
+        bar = self.query_one("#loading-progress", ProgressBar)
+        if progress.stage != self.current:
+            self.current = progress.stage
+            self._render_stages()
+            self.query_one("#loading-detail", Label).update("")
+            bar.update(total=None, progress=0)
+        if progress.total:
+            bar.update(total=progress.total, progress=progress.done)
 
     def on_print(self, event: events.Print) -> None:
         """A line a download progress bar wrote to stderr: show it, and its percentage on the bar."""
@@ -71,10 +76,10 @@ class LoadingScreen(Screen):
             self.query_one("#loading-progress", ProgressBar).update(total=100, progress=min(int(m.group(1)), 100))
 
     def _render_stages(self) -> None:
-        keys = [k for k, _ in STAGES]
+        keys = list(STAGES)
         now = keys.index(self.current) if self.current in keys else -1
         out = Text()
-        for i, (key, title) in enumerate(STAGES):
+        for i, (key, title) in enumerate(STAGES.items()):
             if key == "model":
                 title = f"{title} ({self.backend} backend)"
             if i < now:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, TextArea
 
@@ -42,7 +42,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
         p = self.params
         with Vertical(id="settings-card", classes="dialog"):
             yield Label("Settings", classes="dialog-title")
-            with Grid(id="settings-grid"):
+            with VerticalScroll(id="settings-fields"), Grid(id="settings-grid"):
                 yield Label("Temperature", classes="field-label")
                 yield Input(str(p.temperature), id="set-temperature", type="number", compact=True)
                 yield Label("Top-k", classes="field-label")
@@ -54,8 +54,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 yield Input(max_tokens, id="set-max-tokens", placeholder="up to the context", compact=True)
                 yield Label("Seed", classes="field-label")
                 yield Input("" if p.seed is None else str(p.seed), id="set-seed", placeholder="random", compact=True)
-            yield Label("System prompt", classes="field-label")
-            yield TextArea(self.system or "", id="set-system", soft_wrap=True, compact=True)
+                yield Label("System prompt", classes="field-label")
+                yield TextArea(self.system or "", id="set-system", soft_wrap=True, compact=True)
             yield Label("", id="settings-error")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Save", variant="primary", id="settings-save")

@@ -10,7 +10,10 @@ from textual.containers import Vertical
 from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownFence, MarkdownStream
 
-from ..reply import Segment, plain_reply, sanitize, split_reply
+from nanochat_mlx.engine import Piece, ToolCall
+from nanochat_mlx.session import Turn
+
+from ..reply import Segment, plain_text, sanitize, segments
 
 
 class UserMessage(Static):
@@ -46,14 +49,17 @@ class ToolCallView(Static):
 
 
 class AssistantMessage(Vertical):
-    """A reply: Markdown segments streamed as tokens arrive, tool calls in between, a footer line."""
+    """A reply: Markdown segments streamed as pieces arrive, tool calls in between, a footer line."""
 
-    def __init__(self, text: str = "", *, label: str = "nanochat", stopped: bool = False, footer: str = "") -> None:
+    def __init__(
+        self, parts: list[dict] | None = None, *, label: str = "nanochat", stopped: bool = False, footer: str = ""
+    ) -> None:
         super().__init__()
-        self.text = text
+        self.reply = Turn("", [dict(p) for p in parts or []])  # the parts shown (Turn.add merges pieces)
+        self.results: list[str | None] = []  # the calculator's answers so far, while streaming
         self.border_title = label
-        self._initial = (text, stopped, footer)
-        self._parts: list[tuple[Markdown | ToolCallView, Segment]] = []
+        self._initial = (parts is not None, stopped, footer)
+        self._widgets: list[tuple[Markdown | ToolCallView, Segment]] = []
         self._stream: MarkdownStream | None = None
         self.finished = False
         self.stopped = stopped
@@ -62,14 +68,16 @@ class AssistantMessage(Vertical):
         yield Static("", classes="reply-footer")
 
     async def on_mount(self) -> None:
-        text, stopped, footer = self._initial
-        if text or footer or stopped:
-            self.text = ""
-            await self._sync(text, live=False)
+        done, stopped, footer = self._initial
+        if done:
             await self.finish(stopped=stopped, footer=footer)
         else:
-            self.add_class("-waiting")
-            self.query_one(".reply-footer", Static).update("▍ thinking…")
+            self.waiting("▍ thinking…")
+
+    @property
+    def text(self) -> str:
+        """The reply as plain joined text (``Turn.reply``)."""
+        return self.reply.reply
 
     @property
     def footer(self) -> Static:
@@ -78,22 +86,27 @@ class AssistantMessage(Vertical):
     @property
     def markdown_source(self) -> str:
         """The Markdown the widgets hold (the reply without tool calls)."""
-        return "".join(w.source for w, _ in self._parts if isinstance(w, Markdown))
+        return "".join(w.source for w, _ in self._widgets if isinstance(w, Markdown))
 
-    async def append(self, delta: str) -> None:
-        """Add streamed text; Markdown renders progressively through a MarkdownStream."""
-        if delta:
-            if self.has_class("-waiting"):
-                self.remove_class("-waiting")
-                self.footer.update("")
-            await self._sync(self.text + delta, live=True)
+    def waiting(self, note: str) -> None:
+        """No text yet: say what the model is doing (thinking, reading the prompt)."""
+        self.add_class("-waiting")
+        self.footer.update(note)
 
-    async def _sync(self, text: str, live: bool, finished: bool = False) -> None:
-        self.text = text
-        segments = split_reply(text, finished=finished)
-        for index, seg in enumerate(segments):
-            if index < len(self._parts):
-                widget, old = self._parts[index]
+    async def add(self, pieces: list[Piece], calls: list[ToolCall]) -> None:
+        """Add streamed pieces and tool calls; Markdown renders progressively through a MarkdownStream."""
+        for piece in pieces:
+            self.reply.add(piece)
+        self.results += [c.result for c in calls]
+        if self.reply.parts and self.has_class("-waiting"):
+            self.remove_class("-waiting")
+            self.footer.update("")
+        await self._sync(live=True)
+
+    async def _sync(self, live: bool, finished: bool = False) -> None:
+        for index, seg in enumerate(segments(self.reply.parts, self.results, finished)):
+            if index < len(self._widgets):
+                widget, old = self._widgets[index]
                 if isinstance(widget, Markdown):
                     new, before = sanitize(seg.text), sanitize(old.text)
                     if new != before:
@@ -103,7 +116,7 @@ class AssistantMessage(Vertical):
                             await widget.update(new)
                 else:
                     widget.show(seg)
-                self._parts[index] = (widget, seg)
+                self._widgets[index] = (widget, seg)
                 continue
             await self._close_stream()
             if seg.kind == "text":
@@ -115,29 +128,31 @@ class AssistantMessage(Vertical):
             else:
                 widget = ToolCallView(seg)
                 await self.mount(widget, before=self.footer)
-            self._parts.append((widget, seg))
+            self._widgets.append((widget, seg))
 
     async def _close_stream(self) -> None:
         if self._stream is not None:
             stream, self._stream = self._stream, None
             await stream.stop()
 
-    async def finish(self, *, stopped: bool = False, footer: str = "") -> None:
-        """The reply is complete (or was stopped): flush the stream and write the footer."""
+    async def finish(self, parts: list[dict] | None = None, *, stopped: bool = False, footer: str = "") -> None:
+        """The reply is complete (or was stopped): show ``parts`` (the session's), write the footer."""
+        if parts is not None:
+            self.reply = Turn("", [dict(p) for p in parts])
         await self._close_stream()
-        await self._sync(self.text, live=False, finished=True)
+        await self._sync(live=False, finished=True)
         self.finished = True
         self.stopped = stopped
         self.remove_class("-waiting")
         self.set_class(stopped, "-stopped")
-        parts = ["■ stopped"] if stopped else []
+        notes = ["■ stopped"] if stopped else []
         if footer:
-            parts.append(footer)
-        self.footer.update(Text("  ·  ".join(parts)))
-        self.footer.display = bool(parts)
+            notes.append(footer)
+        self.footer.update(Text("  ·  ".join(notes)))
+        self.footer.display = bool(notes)
 
     def plain_text(self) -> str:
-        return plain_reply(self.text)
+        return plain_text(self.reply.parts)
 
     def code_blocks(self) -> list[str]:
         """The fenced code blocks of the reply, in order."""
@@ -149,8 +164,7 @@ class AssistantMessage(Vertical):
         node = event.widget
         while node is not None and node is not self:
             if isinstance(node, MarkdownFence):
-                self.app.copy_to_clipboard(node.code)
-                self.app.notify("Code block copied to the clipboard", timeout=2)
+                self.app.copy_out(node.code, "Code block")
                 event.stop()
                 return
             node = node.parent
