@@ -308,7 +308,7 @@ def test_unknown_dtype_is_refused() -> None:
         build_torch_model(read_checkpoint(str(variant_dir("g1"))), dtype="int8")
 
 
-# --- weight-only int8 -------------------------------------------------------------------------------
+# --- weight-only int8 and int4 ----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -319,35 +319,42 @@ def wide():
     return random_checkpoint("d2", arch="g9", seed=3)
 
 
-def test_int8_quantizes_the_linear_layers(wide) -> None:
-    from nanochat_mlx.backends.torch.model import Int8Linear, build_torch_model
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_swaps_the_linear_layers(wide, bits) -> None:
+    from nanochat_mlx.backends.torch.model import QUANTIZED, build_torch_model
 
-    model = build_torch_model(wide, quantize=8)
-    assert model.quantization == 8 and model.dtype == torch.bfloat16
-    assert isinstance(model.lm_head, Int8Linear)
-    assert all(isinstance(b.mlp.c_fc, Int8Linear) and isinstance(b.attn.c_qkv, Int8Linear) for b in model.transformer.h)
+    kind = QUANTIZED[bits]
+    model = build_torch_model(wide, quantize=bits)
+    assert model.quantization == bits and model.dtype == torch.bfloat16
+    assert isinstance(model.lm_head, kind)
+    assert all(isinstance(b.mlp.c_fc, kind) and isinstance(b.attn.c_qkv, kind) for b in model.transformer.h)
     assert model.smear_gate.weight.dtype == torch.bfloat16  # 24 inputs: too small to gain anything
 
 
-def test_int8_keeps_quality_in_decode_and_prefill(wide) -> None:
+# (bits, mean |dlogit| / mean |logit|, greedy agreement): what each keeps of the bfloat16 model.
+QUALITY = [(8, 0.05, 0.9), (4, 0.15, 0.7)]
+
+
+@pytest.mark.parametrize(("bits", "max_delta", "min_agreement"), QUALITY)
+def test_quantized_model_keeps_quality_in_decode_and_prefill(wide, bits, max_delta, min_agreement) -> None:
     from nanochat_mlx.backends.torch.model import build_torch_model
 
     prompt = torch.tensor([[wide.tokenizer.get_bos_token_id(), *range(100, 160)]])
     with torch.inference_mode():
         plain = build_torch_model(wide, dtype="bfloat16")(prompt)[0].float()
-        model = build_torch_model(wide, quantize=8)
+        model = build_torch_model(wide, quantize=bits)
         quant = model(prompt)[0].float()  # 61 rows: the dequantized-GEMM path
         cache = model.make_cache()
         model(prompt[:, :-1], cache=cache)
-        step = model(prompt[:, -1:], cache=cache)[0, -1].float()  # one row: the int8 kernel
-    assert (quant - plain).abs().mean() < 0.05 * plain.abs().mean()
-    assert (quant.argmax(-1) == plain.argmax(-1)).float().mean() > 0.9
+        step = model(prompt[:, -1:], cache=cache)[0, -1].float()  # one row: the packed kernel
+    assert (quant - plain).abs().mean() < max_delta * plain.abs().mean()
+    assert (quant.argmax(-1) == plain.argmax(-1)).float().mean() > min_agreement
     assert (step - quant[-1]).abs().max() < 0.05 * quant[-1].abs().max()
 
 
-def test_torch_backend_refuses_4_bit() -> None:
-    with pytest.raises(NanochatError, match="8 bits"):
-        nc.load(str(variant_dir("g1")), backend="torch", quantize=4)
+def test_int4_with_float16_activations_is_refused() -> None:
+    with pytest.raises(NanochatError, match="int4 runs with bfloat16"):
+        nc.load(str(variant_dir("g1")), backend="torch", quantize=4, dtype="float16")
 
 
 def test_int8_with_float32_activations_is_refused() -> None:
