@@ -24,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from decode_kernels import read_bandwidth
+
 MIRROR = Path("/work/.mirror/karpathy+nanochat/repo")
 COMMITS = {"g1": "3a5e0bc", "g9": "92d63d4"}
 
@@ -46,6 +49,17 @@ def wall(run) -> float:
     return time.perf_counter() - start
 
 
+def bytes_per_token(model, context: int) -> int:
+    """What one decode step must read: every weight but the embedding tables (one row each), and
+    the keys and values each layer attends to at ``context``."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embeddings)
+    c = model.config
+    per_position = 2 * c.n_kv_head * c.head_dim * torch.empty((), dtype=model.dtype).element_size()
+    kv = sum(per_position * (context if w is None else min(context, w + 1)) for w in model.window_sizes)
+    return weights + kv
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--geometry", default="d12")
@@ -61,8 +75,6 @@ def main() -> None:
 
     os.environ["NANOCHAT_DTYPE"] = args.dtype
     sys.path.insert(0, str(reference_tree(args.arch)))
-    import torch
-
     torch.set_num_threads(args.threads)
     from nanochat.engine import Engine as RefEngine
     from nanochat.gpt import GPT, GPTConfig
@@ -94,11 +106,15 @@ def main() -> None:
         ref.to(torch.bfloat16)
     ref_engine = RefEngine(ref, ckpt.tokenizer)
 
-    ours = {}
+    ours, roofline = {}, {}
+    bandwidth = read_bandwidth()
+    context = args.prompt_tokens + args.decode_tokens // 2
     for q in args.quantize.split(","):
         bits = None if q == "none" else int(q)
         model = build_torch_model(ckpt, dtype=args.dtype, quantize=bits)
-        ours[f"ours{f'-q{bits}' if bits else ''}"] = Engine(model, ckpt.tokenizer)
+        name = f"ours{f'-q{bits}' if bits else ''}"
+        ours[name] = Engine(model, ckpt.tokenizer)
+        roofline[name] = bandwidth / bytes_per_token(model, context)
 
     prompt = [ckpt.tokenizer.get_bos_token_id(), *range(300, 300 + args.prompt_tokens - 1)]
     n = args.decode_tokens
@@ -132,6 +148,9 @@ def main() -> None:
         "decode_tps": med,
         "all": rates,
         "ratio_vs_reference": {name: med[name] / med["reference"] for name in ours},
+        "read_bandwidth_gbs": bandwidth / 1e9,
+        "roofline_tps": roofline,
+        "fraction_of_roofline": {name: med[name] / roofline[name] for name in ours},
         "engine_reported_over_outside_clock": {
             name: statistics.median(r / o for r, o in zip(reported[name], rates[name], strict=True)) for name in ours
         },
