@@ -5,10 +5,11 @@
 The reference is nanochat's own ``nanochat.gpt.GPT`` + ``nanochat.engine.Engine`` of the
 generation's first commit, extracted from the mirror (g9: 92d63d4, g1: 3a5e0bc), fed the same
 random weights (``nanochat_mlx.synthetic``), greedy at batch 1. Every contender's decode rate is
-taken by one outside clock: (n - 1) tokens over the wall time of a run of n tokens minus that of a
-run of 1 (the same prefill, no decode step). Event arrival times would not do: our Engine yields
-token k only after it has run the step for token k+1. Our Engine's own reported ``decode_tps``
-is printed beside it (their ratio should be 1). One dtype per process: the reference reads its
+taken by one outside clock over the tokens it yields, counting the decode steps run between the
+first and the last: the reference's generator runs step k+1 when resumed after token k (n - 1
+steps in between); our Engine yields token k after running step k+1 and the last event needs
+none (n - 2 steps; see engine_clock.py). Our Engine's own reported ``decode_tps`` is printed beside
+it (their ratio should be 1). One dtype per process: the reference reads its
 compute dtype (``NANOCHAT_DTYPE``) at import. The reference's bfloat16 model is cast to bfloat16
 once (its CPU Linear would otherwise cast the float32 weights on every call).
 """
@@ -41,12 +42,12 @@ def reference_tree(arch: str) -> Path:
     return tree
 
 
-def wall(run) -> float:
-    """Seconds to exhaust the iterator ``run()`` returns."""
-    start = time.perf_counter()
-    for _ in run():
-        pass
-    return time.perf_counter() - start
+def steps_per_second(items, steps_between: int) -> float:
+    """``steps_between`` decode steps over the wall time from the first item to the end."""
+    first = None
+    for _ in items:
+        first = first or time.perf_counter()
+    return steps_between / (time.perf_counter() - first)
 
 
 def bytes_per_token(model, context: int) -> int:
@@ -119,22 +120,17 @@ def main() -> None:
     prompt = [ckpt.tokenizer.get_bos_token_id(), *range(300, 300 + args.prompt_tokens - 1)]
     n = args.decode_tokens
 
-    def run_ours(engine: Engine, tokens: int):
-        return lambda: engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=tokens), stop_tokens=())
-
-    def run_reference(tokens: int):
-        return lambda: ref_engine.generate(prompt, num_samples=1, max_tokens=tokens, temperature=0.0)
-
+    params = SamplingParams(temperature=0.0, max_tokens=n)
     rates: dict[str, list[float]] = {name: [] for name in [*ours, "reference"]}
     reported: dict[str, list[float]] = {name: [] for name in ours}
     with torch.inference_mode():
         for _ in range(args.rounds):
             for name, engine in ours.items():
-                full = wall(run_ours(engine, n))
+                events = (e for e in engine.generate(prompt, params, stop_tokens=()) if e.tokens or e.final)
+                rates[name].append(steps_per_second(events, n - 2))
                 reported[name].append(engine.last_stats.decode_tps)
-                rates[name].append((n - 1) / (full - wall(run_ours(engine, 1))))
-            full = wall(run_reference(n))
-            rates["reference"].append((n - 1) / (full - wall(run_reference(1))))
+            gen = ref_engine.generate(prompt, num_samples=1, max_tokens=n, temperature=0.0)
+            rates["reference"].append(steps_per_second(gen, n - 1))
 
     med = {name: statistics.median(v) for name, v in rates.items()}
     result = {

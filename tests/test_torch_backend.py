@@ -127,6 +127,24 @@ def test_every_one_row_kernel_keeps_float32_decode_parity(kernel) -> None:
     assert_close(torch.stack(rows), expected[case["prompt"]], f"g9/{case['prompt']} ({kernel})")
 
 
+def test_plain_decode_attention_stays_as_close_as_sdpa_in_bfloat16() -> None:
+    """The plain one-token attention path (chosen at load where SDPA is slower) keeps bfloat16 decode
+    as close to the float32 reference as SDPA does (the bfloat16 tolerance of the test below)."""
+    from nanochat_mlx.backends.torch.model import Attention, plain_decode
+
+    model = build_torch_model(read_checkpoint(str(variant_dir("g9"))), dtype="bfloat16")
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.decode_attention = plain_decode
+    expected = expected_npz("g9", "logits_kv.npz")
+    case = expected_json("g9", "prompts.json")["kv_cases"][0]
+    tokens, n = prompts("g9")[case["prompt"]], case["prefill_len"]
+    cache = model.make_cache()
+    rows = [model(ids([tokens[:n]]), cache=cache)[0, -1]]
+    rows += [model(ids([[t]]), cache=cache)[0, -1] for t in tokens[n : n + case["decode_steps"]]]
+    assert_close(torch.stack(rows), expected[case["prompt"]], "g9 bfloat16 (plain decode attention)", atol=0.25)
+
+
 def test_chunks_after_a_prefix_match_full_forward(variant) -> None:
     """Multi-token chunks fed to a non-empty cache (chunked prefill), past every window's ring."""
     name, model, _ = variant

@@ -273,6 +273,39 @@ def quantize_linears(module: nn.Module, bits: int) -> nn.Module:
     return module
 
 
+def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def plain_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of a few query rows over all cached keys as matmul, float32 softmax, matmul: on some
+    CPUs torch's SDPA streams half-precision keys at a fraction of what a plain matmul does."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+
+
+@torch.inference_mode()
+def choose_decode_attention(model: nn.Module, keys: int = 1024, rounds: int = 5) -> str:
+    """Give every Attention the faster of SDPA and the plain path for one-token half-precision decode,
+    timed on this machine with the model's head shapes over ``keys`` cached positions."""
+    c = model.config
+    if model.device.type != "cpu" or model.dtype == torch.float32:
+        return "sdpa"  # float32 keeps SDPA, the parity path; GPUs have fused kernels
+    q = torch.randn(1, c.n_kv_head, c.n_head // c.n_kv_head, c.head_dim, dtype=model.dtype)
+    k, v = (torch.randn(1, c.n_kv_head, keys, c.head_dim, dtype=model.dtype) for _ in range(2))
+    times: dict[str, list[float]] = {"sdpa": [], "plain": []}
+    for _ in range(rounds):
+        for name, fn in (("sdpa", sdpa_decode), ("plain", plain_decode)):
+            t = time.perf_counter()
+            fn(q, k, v, 1.0)
+            times[name].append(time.perf_counter() - t)
+    chosen = min(times, key=lambda name: statistics.median(times[name]))
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.decode_attention = plain_decode if chosen == "plain" else sdpa_decode
+    return chosen
+
+
 def embedding(weight: torch.Tensor) -> nn.Embedding:
     return nn.Embedding.from_pretrained(weight, freeze=True)
 
@@ -301,6 +334,7 @@ class Attention(nn.Module):
         self.scale = spec.qk_scale**2 / math.sqrt(self.head_dim)
         # Passing enable_gqa only when needed keeps torch < 2.5 working for models without GQA.
         self.gqa = {"enable_gqa": True} if self.groups > 1 else {}
+        self.decode_attention = sdpa_decode  # one-token decode; choose_decode_attention may swap it
 
     def forward(
         self,
@@ -325,10 +359,10 @@ class Attention(nn.Module):
         q, k, v = qk[:, :, :H], qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, slots)
-        if T == 1 and self.groups > 1:
-            # Decode with GQA: the query heads sharing a kv head become that head's query rows,
-            # so the cached keys are read as they are, never repeated.
-            y = F.scaled_dot_product_attention(q.reshape(B, Hkv, self.groups, D), k, v, scale=self.scale)
+        if T == 1 and (self.groups > 1 or self.decode_attention is not sdpa_decode):
+            # Decode: the query heads sharing a kv head become that head's query rows, so the
+            # cached keys are read as they are, never repeated.
+            y = self.decode_attention(q.reshape(B, Hkv, self.groups, D), k, v, self.scale)
         else:
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k, v, attn_mask=slots.mask, is_causal=slots.causal, scale=self.scale, **self.gqa
@@ -525,6 +559,7 @@ def build_torch_model(
         raise NanochatError("weight-only int4 runs with bfloat16 activations; drop --dtype or use bfloat16")
     model = TorchGPT(ckpt, device, TORCH_DTYPES[dtype], quantize).eval()
     choose_gemv(model, gemv)
+    choose_decode_attention(model)
     if quantize:
         try:  # fail at load, not mid-reply, where this torch/device has no such kernel
             with torch.inference_mode():
