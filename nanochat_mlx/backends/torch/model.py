@@ -127,15 +127,25 @@ def gemv_candidates(weight: torch.Tensor) -> list[str]:
     return names if weight.device.type == "cpu" else ["linear"]
 
 
-def time_gemv(weight: torch.Tensor, names: list[str], rounds: int = 5) -> dict[str, float]:
-    """Median seconds per one-row product of each kernel, in interleaved rounds."""
-    x = torch.randn(1, 1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+GEMV_PROBE_BYTES = 32 << 20  # weights of one shape a timing pass reads: more than most caches hold
+
+
+def time_gemv(weights: list[torch.Tensor], names: list[str], rounds: int = 2) -> dict[str, float]:
+    """Median seconds of each kernel for one pass over ``weights`` (one row each), in interleaved
+    rounds after a warm-up: a pass over several layers' matrices streams them from memory, as
+    decoding does, where one matrix timed repeatedly would sit in the cache."""
+    per_matrix = weights[0].numel() * weights[0].element_size()
+    weights = weights[: max(1, GEMV_PROBE_BYTES // per_matrix)]
+    x = torch.randn(1, 1, weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(rounds):
+    for r in range(rounds + 1):
         for name in names:
+            kernel = GEMV_KERNELS[name]
             t = time.perf_counter()
-            GEMV_KERNELS[name](weight, x)
-            times[name].append(time.perf_counter() - t)
+            for w in weights:
+                kernel(w, x)
+            if r:  # round 0 warms each kernel up (first-call costs, lazy initialization)
+                times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -146,23 +156,24 @@ def choose_gemv(model: nn.Module, kernel: str | None = None) -> dict[tuple[int, 
     Decode is a chain of matrix-vector products that read every weight once, so the kernel that
     streams memory fastest wins; which one that is varies with the CPU and dtype (torch.mv beats
     F.linear in bfloat16 on some x86 CPUs and loses on others; OpenBLAS through numpy can beat both
-    in float32). Each distinct shape is timed once, on one of the model's own matrices.
+    in float32). Each shape is timed on all of the model's matrices of that shape.
     """
-    chosen: dict[tuple[int, int], str] = {}
+    by_shape: dict[tuple[int, int], list[Linear]] = {}
     for module in model.modules():
-        if not isinstance(module, Linear):
-            continue
-        shape = tuple(module.weight.shape)
-        if shape not in chosen:
-            names = gemv_candidates(module.weight)
-            if kernel is not None:
-                chosen[shape] = kernel if kernel in names else "linear"
-            elif len(names) == 1:
-                chosen[shape] = names[0]
-            else:
-                times = time_gemv(module.weight, names)
-                chosen[shape] = min(times, key=times.__getitem__)
-        module.gemv = GEMV_KERNELS[chosen[shape]]
+        if isinstance(module, Linear):
+            by_shape.setdefault(tuple(module.weight.shape), []).append(module)
+    chosen: dict[tuple[int, int], str] = {}
+    for shape, modules in by_shape.items():
+        names = gemv_candidates(modules[0].weight)
+        if kernel is not None:
+            chosen[shape] = kernel if kernel in names else "linear"
+        elif len(names) == 1:
+            chosen[shape] = names[0]
+        else:
+            times = time_gemv([m.weight for m in modules], names)
+            chosen[shape] = min(times, key=times.__getitem__)
+        for module in modules:
+            module.gemv = GEMV_KERNELS[chosen[shape]]
     return chosen
 
 
