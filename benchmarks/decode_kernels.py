@@ -45,7 +45,8 @@ def read_bandwidth(nbytes: int = 1 << 30, rounds: int = 7) -> float:
 
 def candidates(w: torch.Tensor) -> dict[str, tuple[Callable, int]]:
     """Kernel name -> (fn(x), bytes of weights it reads)."""
-    out = {name: (lambda x, f=GEMV_KERNELS[name]: f(w, x), w.numel() * w.element_size()) for name in gemv_candidates(w)}
+    names = [*gemv_candidates(w), *(["numpy"] if w.dtype == torch.float32 else [])]
+    out = {name: (lambda x, f=GEMV_KERNELS[name]: f(w, x), w.numel() * w.element_size()) for name in names}
     if w.dtype == torch.bfloat16:
         out["int8"] = (Int8Linear(w), w.numel() + 2 * w.shape[0])
         q4 = Int4Linear(w)

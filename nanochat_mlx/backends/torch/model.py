@@ -120,11 +120,13 @@ class Linear(nn.Module):
 
 
 def gemv_candidates(weight: torch.Tensor) -> list[str]:
-    """The one-row kernels that can run ``weight``: numpy only for float32 on the CPU."""
-    names = ["linear", "mv"]
-    if weight.device.type == "cpu" and weight.dtype == torch.float32:
-        names.append("numpy")
-    return names if weight.device.type == "cpu" else ["linear"]
+    """The one-row kernels choose_gemv measures for ``weight`` on its device.
+
+    numpy (OpenBLAS) is only run when asked for: timed alone it can look fastest, but inside a
+    decode step its own thread pool fights torch's (d12 float32 on a 2-core Xeon: 1.5 tok/s against
+    12.4 with F.linear, while the isolated timing preferred it for two shapes).
+    """
+    return ["linear", "mv"] if weight.device.type == "cpu" else ["linear"]
 
 
 GEMV_PROBE_BYTES = 32 << 20  # weights of one shape a timing pass reads: more than most caches hold
@@ -165,8 +167,9 @@ def choose_gemv(model: nn.Module, kernel: str | None = None) -> dict[tuple[int, 
     chosen: dict[tuple[int, int], str] = {}
     for shape, modules in by_shape.items():
         names = gemv_candidates(modules[0].weight)
-        if kernel is not None:
-            chosen[shape] = kernel if kernel in names else "linear"
+        if kernel is not None:  # numpy runs float32 CPU tensors only
+            cpu32 = modules[0].weight.device.type == "cpu" and modules[0].weight.dtype == torch.float32
+            chosen[shape] = kernel if kernel in names or (kernel == "numpy" and cpu32) else "linear"
         elif len(names) == 1:
             chosen[shape] = names[0]
         else:
