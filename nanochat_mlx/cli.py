@@ -61,7 +61,7 @@ def model_options_parent(source: str = "option") -> argparse.ArgumentParser:
         "--dtype", choices=DTYPES, help="compute dtype (default: float32 on CPU, bfloat16 on GPU; convert: float32)"
     )
     g.add_argument(
-        "--quantize", type=int, choices=QUANT_BITS, help="quantize weights: 4 or 8 bits (MLX), 8 (torch int8)"
+        "--quantize", type=int, choices=QUANT_BITS, help="quantize weights: 4 or 8 bits (MLX affine; torch weight-only)"
     )
     g.add_argument(
         "--backend", default="auto", choices=BACKENDS, help="auto: MLX on Apple Silicon, else torch if installed"

@@ -343,13 +343,13 @@ class Engine:
                 if all(r.finished for r in rows):
                     stop_reason = "stop" if all(r.finished == "stop" for r in rows) else "eos"
                 last = stop_reason in ("eos", "stop") or generated >= max_tokens
-                if not last and ahead is None:  # a forced column, or no pipelining: feed what was chosen
-                    ahead = step(runner.tokens(ids) if 0 in masks else column)
-                column = ahead
                 event.stats = snapshot()
-                yield event
+                yield event  # before the next step runs (unless it was scheduled ahead): no added latency
                 if last:
                     break
+                if ahead is None:  # a forced column, or no pipelining: feed what was chosen
+                    ahead = step(runner.tokens(ids) if 0 in masks else column)
+                column = ahead
         except (GeneratorExit, KeyboardInterrupt):  # closed by the consumer, or Ctrl-C mid-step
             stop_reason = "cancelled"
             raise

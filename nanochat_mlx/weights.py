@@ -8,6 +8,7 @@ schemes (transformers' ``model.layers.*``; mlx-lm already uses the native names)
 from __future__ import annotations
 
 import json
+import mmap
 import re
 import struct
 from dataclasses import dataclass
@@ -119,6 +120,30 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     if len(out) != len(pairs):
         raise ValueError("a name appears twice")
     return out
+
+
+def _mapping(array: np.ndarray) -> mmap.mmap | None:
+    """The memory map ``array`` is a view of, if any (through views, strides and memoryviews)."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return base
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the file pages a memory-mapped ``array`` has read from this process's resident memory.
+
+    A backend copies each tensor into its own memory; without this, every page of the file it read
+    would stay counted in the process (and its peak RSS) until the map is closed. Reading the array
+    again simply faults the pages back in from the page cache. A no-op for in-memory arrays.
+    """
+    mm = _mapping(array)
+    if mm is None or not hasattr(mm, "madvise") or not array.size:
+        return
+    start = array.ctypes.data - np.frombuffer(mm, np.uint8, count=1).ctypes.data
+    first = start - start % mmap.PAGESIZE
+    length = min(start + array.nbytes, len(mm)) - first
+    mm.madvise(mmap.MADV_DONTNEED, first, length)
 
 
 def read_tensors(paths: list[Path]) -> Weights:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import ml_dtypes
@@ -20,6 +21,7 @@ from ...checkpoint import Checkpoint
 from ...config import RMS_EPS, ArchSpec, ModelConfig
 from ...errors import NanochatError
 from ...rope import rotary_inv_freq, rotary_tables
+from ...weights import canonical_name, release_pages
 from .cache import KVCache, SmearMemory, WindowKVCache, causal_mask
 
 
@@ -266,6 +268,17 @@ def to_mlx(array: np.ndarray) -> mx.array:
     return mx.array(array)
 
 
+def _arrays(ckpt: Checkpoint) -> Iterator[tuple[str, mx.array]]:
+    """Each canonical tensor as an MLX array, lazily: a converted folder's own safetensors files are
+    read by ``mx.load`` (no numpy copy), everything else is copied from its numpy array."""
+    loaded: dict[str, mx.array] = {}
+    if ckpt.files.layout == "converted":
+        for path in ckpt.files.weights:
+            loaded.update((canonical_name(k), v) for k, v in mx.load(str(path)).items())
+    for name, array in ckpt.weights.items():
+        yield name, loaded.pop(name) if name in loaded else to_mlx(array)
+
+
 def quantizable(path: str, module: nn.Module) -> bool:
     """Linear and embedding layers whose rows split into whole quantization groups."""
     return hasattr(module, "to_quantized") and module.weight.shape[-1] % QUANT_GROUP == 0
@@ -288,10 +301,11 @@ def build_mlx_model(ckpt: Checkpoint, dtype: str | None = None, quantize: int | 
             class_predicate=quantizable,
         )
     weights = []
-    for name, array in ckpt.weights.items():
-        w = to_mlx(array)
-        if mx.issubdtype(w.dtype, mx.floating):
+    for name, w in _arrays(ckpt):
+        if mx.issubdtype(w.dtype, mx.floating) and w.dtype != mdtype:
             w = w.astype(mdtype)
+        mx.eval(w)  # one tensor at a time: the model so far plus one tensor, never two copies of it
+        release_pages(ckpt.weights[name])
         weights.append((name, w))
     model.load_weights(weights, strict=True)
     if quantize is not None and not ckpt.quantization:

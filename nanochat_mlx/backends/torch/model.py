@@ -13,6 +13,9 @@ It computes what ``backends/mlx/model.py`` computes, for every generation, from 
 from __future__ import annotations
 
 import math
+import statistics
+import time
+import warnings
 from collections.abc import Callable, Mapping
 
 import ml_dtypes
@@ -25,6 +28,7 @@ from ...checkpoint import Checkpoint
 from ...config import RMS_EPS, ArchSpec, ModelConfig
 from ...errors import NanochatError
 from ...rope import rotary_tables
+from ...weights import release_pages
 from .cache import KVCache, Slots, visible
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,14 +54,21 @@ def device_name(device: torch.device) -> str:
 
 
 def to_torch(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A canonical numpy tensor (bfloat16 via ml_dtypes included, bit-exact) on ``device`` in ``dtype``."""
+    """A canonical numpy tensor (bfloat16 via ml_dtypes included, bit-exact) on ``device`` in ``dtype``.
+
+    One tensor at a time, so loading never holds more than the model so far plus one tensor: the
+    cast reads the (often memory-mapped, read-only) array directly into a tensor of its own, and the
+    file pages it read are then released from this process.
+    """
     bf16 = array.dtype == ml_dtypes.bfloat16
-    # np.array copies: the canonical arrays are often read-only views of a memory-mapped file,
-    # and the tensor must own its memory.
-    host = torch.from_numpy(np.array(array.view(np.int16) if bf16 else array))
+    with warnings.catch_warnings():  # read-only source: the tensor below is only read, into a copy
+        warnings.simplefilter("ignore", UserWarning)
+        host = torch.from_numpy(array.view(np.int16) if bf16 else array)
     if bf16:
         host = host.view(torch.bfloat16)
-    return host.to(device=device, dtype=dtype)
+    out = host.to(device=device, dtype=dtype, copy=True)
+    release_pages(array)
+    return out
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -72,17 +83,40 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
 # --- the model ----------------------------------------------------------------------------------
 
 
+def _linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight)
+
+
+def _mv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+
+
+def _numpy(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """numpy's BLAS (OpenBLAS) over the tensors' own memory: no copy either way."""
+    return torch.from_numpy(weight.numpy() @ x.reshape(-1).numpy()).view(*x.shape[:-1], -1)
+
+
+# One-row products (decode) have several kernels whose speed depends on the machine and dtype:
+# choose_gemv measures them on the model's own weights at load time.
+GEMV_KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "linear": _linear,
+    "mv": _mv,
+    "numpy": _numpy,
+}
+
+
 class Linear(nn.Module):
     """A bias-free linear layer around given weights (nothing randomly initialized first)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = frozen(weight)
+        self.gemv = _linear  # the one-row kernel, set by choose_gemv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows == 1:  # one row (decode): torch's CPU GEMV is ~1.4x faster in bf16
-            return torch.mv(self.weight, x.reshape(-1)).reshape(*x.shape[:-1], -1)
+        if rows == 1:  # one row (decode): the kernel measured fastest for this shape
+            return self.gemv(self.weight, x)
         if rows <= BATCH_ROWS and x.device.type == "cpu":
             # A few rows (batched decode): the CPU GEMM packs the whole weight before using it, which
             # costs more memory traffic than the product; slices that stay in cache halve the time.
@@ -96,7 +130,68 @@ BATCH_ROWS = 32  # up to this many rows the CPU product runs over weight slices
 SLICE_BYTES = 1 << 20  # weight bytes per slice: well inside a core's L2 cache
 
 
-GEMV_ROWS = 16  # up to this many rows (decode, num_samples) Int8Linear runs the int8 kernel
+def gemv_candidates(weight: torch.Tensor) -> list[str]:
+    """The one-row kernels choose_gemv measures for ``weight`` on its device.
+
+    numpy (OpenBLAS) is only run when asked for: timed alone it can look fastest, but inside a
+    decode step its own thread pool fights torch's (d12 float32 on a 2-core Xeon: 1.5 tok/s against
+    12.4 with F.linear, while the isolated timing preferred it for two shapes).
+    """
+    return ["linear", "mv"] if weight.device.type == "cpu" else ["linear"]
+
+
+GEMV_PROBE_BYTES = 32 << 20  # weights of one shape a timing pass reads: more than most caches hold
+
+
+def time_gemv(weights: list[torch.Tensor], names: list[str], rounds: int = 2) -> dict[str, float]:
+    """Median seconds of each kernel for one pass over ``weights`` (one row each), in interleaved
+    rounds after a warm-up: a pass over several layers' matrices streams them from memory, as
+    decoding does, where one matrix timed repeatedly would sit in the cache."""
+    per_matrix = weights[0].numel() * weights[0].element_size()
+    weights = weights[: max(1, GEMV_PROBE_BYTES // per_matrix)]
+    x = torch.randn(1, 1, weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds + 1):
+        for name in names:
+            kernel = GEMV_KERNELS[name]
+            t = time.perf_counter()
+            for w in weights:
+                kernel(w, x)
+            if r:  # round 0 warms each kernel up (first-call costs, lazy initialization)
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+@torch.inference_mode()
+def choose_gemv(model: nn.Module, kernel: str | None = None) -> dict[tuple[int, int], str]:
+    """Give every Linear the fastest one-row kernel for its shape on this machine (or ``kernel``).
+
+    Decode is a chain of matrix-vector products that read every weight once, so the kernel that
+    streams memory fastest wins; which one that is varies with the CPU and dtype (torch.mv beats
+    F.linear in bfloat16 on some x86 CPUs and loses on others; OpenBLAS through numpy can beat both
+    in float32). Each shape is timed on all of the model's matrices of that shape.
+    """
+    by_shape: dict[tuple[int, int], list[Linear]] = {}
+    for module in model.modules():
+        if isinstance(module, Linear):
+            by_shape.setdefault(tuple(module.weight.shape), []).append(module)
+    chosen: dict[tuple[int, int], str] = {}
+    for shape, modules in by_shape.items():
+        names = gemv_candidates(modules[0].weight)
+        if kernel is not None:  # numpy runs float32 CPU tensors only
+            cpu32 = modules[0].weight.device.type == "cpu" and modules[0].weight.dtype == torch.float32
+            chosen[shape] = kernel if kernel in names or (kernel == "numpy" and cpu32) else "linear"
+        elif len(names) == 1:
+            chosen[shape] = names[0]
+        else:
+            times = time_gemv([m.weight for m in modules], names)
+            chosen[shape] = min(times, key=times.__getitem__)
+        for module in modules:
+            module.gemv = GEMV_KERNELS[chosen[shape]]
+    return chosen
+
+
+GEMV_ROWS = 16  # up to this many rows (decode, num_samples) the packed low-bit kernels run
 
 
 class Int8Linear(nn.Module):
@@ -121,12 +216,119 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def quantize_int8(model: nn.Module, min_inputs: int = 64) -> None:
-    """Swap every Linear with at least ``min_inputs`` inputs for an Int8Linear (tiny gates stay)."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, Linear) and child.weight.shape[1] >= min_inputs:
-                setattr(module, name, Int8Linear(child.weight))
+INT4_GROUP = 128  # inputs per scale/zero pair
+INT4_BLOCK = 64  # output rows per block of the CPU kernel's packed layout (rows are padded to whole blocks)
+
+
+def _unpack_int4_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The (n, k) 4-bit codes of ``torch._convert_weight_to_int4pack_for_cpu``'s layout, as uint8.
+
+    For each block of 64 rows and each input k, 32 bytes hold rows j (low nibble) and j+32 (high).
+    """
+    blocks = packed.view(n // INT4_BLOCK, k, INT4_BLOCK // 2)
+    codes = torch.cat([blocks & 15, blocks >> 4], -1)  # (n/64, k, 64)
+    return codes.transpose(1, 2).reshape(n, k)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only 4-bit: a bfloat16 scale and zero per group of 128 inputs of each output row.
+
+    One-row products run torch's packed int4 kernel (an eighth of float32's bytes); prefill unpacks
+    and dequantizes to a bfloat16 GEMM, which is far faster for many rows. Output rows are padded
+    with zeros to whole kernel blocks and cut off again.
+    """
+
+    def __init__(self, weight: torch.Tensor, group_size: int = INT4_GROUP) -> None:
+        super().__init__()
+        n, k = weight.shape
+        self.out_features, self.group_size = n, group_size
+        w = F.pad(weight.float(), (0, 0, 0, -n % INT4_BLOCK))
+        groups = w.view(w.shape[0], k // group_size, group_size)
+        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        # The kernel computes (q - 8) * scale + zero: quantize against the bfloat16-rounded pair it uses.
+        scales = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
+        zeros = (lo + 8 * scales).to(torch.bfloat16).float()
+        codes = torch.round((groups - zeros) / scales + 8).clamp(0, 15).to(torch.int32).view(w.shape)
+        self.scales_zeros = frozen(torch.cat([scales, zeros], -1).transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.device_type = weight.device.type
+        if self.device_type == "cpu":
+            self.qweight = frozen(torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+        else:  # CUDA's tinygemm layout from two codes per byte
+            pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+            self.qweight = frozen(torch._convert_weight_to_int4pack(pairs, 8))
+
+    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.device_type == "cpu":
+            return torch._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group_size, self.scales_zeros)
+        return torch._weight_int4pack_mm(rows, self.qweight, self.group_size, self.scales_zeros)
+
+    def dequantized(self) -> torch.Tensor:
+        """The (padded) bfloat16 weight the kernel multiplies by (CPU layout)."""
+        n, k = self.scales_zeros.shape[1], self.qweight.shape[1] * 2
+        codes = _unpack_int4_cpu(self.qweight, n, k).view(n, k // self.group_size, self.group_size)
+        scales, zeros = self.scales_zeros.transpose(0, 1).unbind(-1)
+        return ((codes.to(torch.bfloat16) - 8) * scales[..., None] + zeros[..., None]).view(n, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] > GEMV_ROWS and self.device_type == "cpu":
+            y = F.linear(rows, self.dequantized().to(x.dtype))
+        else:
+            y = self._kernel(rows.contiguous())
+        return y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+
+
+QUANTIZED = {8: Int8Linear, 4: Int4Linear}
+
+
+def quantizable(weight: torch.Tensor, bits: int) -> bool:
+    """Whether a weight is worth (int8: 64+ inputs) and able (int4: whole groups) to be quantized."""
+    inputs = weight.shape[1]
+    return inputs % INT4_GROUP == 0 if bits == 4 else inputs >= 64
+
+
+def quantize_linears(module: nn.Module, bits: int) -> nn.Module:
+    """``module`` with every quantizable Linear in it (or itself) swapped for its ``bits``-bit version."""
+    if isinstance(module, Linear):
+        return QUANTIZED[bits](module.weight) if quantizable(module.weight, bits) else module
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Linear) and quantizable(child.weight, bits):
+                setattr(parent, name, QUANTIZED[bits](child.weight))
+    return module
+
+
+def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def plain_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of a few query rows over all cached keys as matmul, float32 softmax, matmul: on some
+    CPUs torch's SDPA streams half-precision keys at a fraction of what a plain matmul does."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+
+
+@torch.inference_mode()
+def choose_decode_attention(model: nn.Module, keys: int = 1024, rounds: int = 5) -> str:
+    """Give every Attention the faster of SDPA and the plain path for one-token half-precision decode,
+    timed on this machine with the model's head shapes over ``keys`` cached positions."""
+    c = model.config
+    if model.device.type != "cpu" or model.dtype == torch.float32:
+        return "sdpa"  # float32 keeps SDPA, the parity path; GPUs have fused kernels
+    q = torch.randn(1, c.n_kv_head, c.n_head // c.n_kv_head, c.head_dim, dtype=model.dtype)
+    k, v = (torch.randn(1, c.n_kv_head, keys, c.head_dim, dtype=model.dtype) for _ in range(2))
+    times: dict[str, list[float]] = {"sdpa": [], "plain": []}
+    for _ in range(rounds):
+        for name, fn in (("sdpa", sdpa_decode), ("plain", plain_decode)):
+            t = time.perf_counter()
+            fn(q, k, v, 1.0)
+            times[name].append(time.perf_counter() - t)
+    chosen = min(times, key=lambda name: statistics.median(times[name]))
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.decode_attention = plain_decode if chosen == "plain" else sdpa_decode
+    return chosen
 
 
 def embedding(weight: torch.Tensor) -> nn.Embedding:
@@ -159,6 +361,7 @@ class Attention(nn.Module):
         # Passing enable_gqa only when needed keeps torch < 2.5 working for models without GQA.
         self.gqa = {"enable_gqa": True} if self.groups > 1 else {}
         self.ve_channels = spec.ve_gate_channels if has_ve else 0
+        self.decode_attention = sdpa_decode  # one-token decode; choose_decode_attention may swap it
 
     def split(self, fused: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of a ``c_qkv``-shaped tensor (the weight or its gradient) as c_q, c_k, c_v (and ve_gate)."""
@@ -210,10 +413,10 @@ class Attention(nn.Module):
     def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One query position (B, 1, H, D) against cached keys (B, Hkv, S, D), every key visible."""
         B, _, H, D = q.shape
-        if self.groups > 1:
+        if self.groups > 1 or self.decode_attention is not sdpa_decode:
             # The query heads sharing a kv head become that head's query rows, so the cached keys
-            # are read as they are, never repeated.
-            return F.scaled_dot_product_attention(q.reshape(B, self.n_kv_head, self.groups, D), k, v, scale=self.scale)
+            # are read as they are, never repeated (the plain path, where chosen, as well).
+            return self.decode_attention(q.reshape(B, self.n_kv_head, self.groups, D), k, v, self.scale)
         return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=self.scale, **self.gqa).transpose(1, 2)
 
 
@@ -255,23 +458,27 @@ class TorchGPT(nn.Module):
     (``canonical`` maps them back). They are frozen; training unfreezes them and calls ``compute``.
     """
 
-    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quantize: int | None = None) -> None:
         super().__init__()
         config, spec = ckpt.config, ckpt.spec
         self.config, self.spec, self.device, self.dtype = config, spec, device, dtype
-        self.quantization: int | None = None  # bits, once quantized
+        self.quantization = quantize  # bits of the linear layers' weights, None = the compute dtype
 
         def weight(name: str) -> torch.Tensor:
             return to_torch(ckpt.weights[name], device, dtype)
 
+        def quantized(module: nn.Module) -> nn.Module:
+            # Layer by layer, so the unquantized weights of only one layer exist at a time.
+            return quantize_linears(module, quantize) if quantize else module
+
         ve_layers = config.ve_layers(spec)
-        blocks = [Block(weight, i, config, spec, i in ve_layers) for i in range(config.n_layer)]
+        blocks = [quantized(Block(weight, i, config, spec, i in ve_layers)) for i in range(config.n_layer)]
         self.transformer = nn.ModuleDict(
             {"wte": embedding(weight("transformer.wte.weight")), "h": nn.ModuleList(blocks)}
         )
         # Rows past vocab_size (g2+ padding) never produce a logit, but they are kept (the logits
         # are sliced) so that the weights stay those of the checkpoint, as training needs.
-        self.lm_head = Linear(weight("lm_head.weight"))
+        self.lm_head = quantized(Linear(weight("lm_head.weight")))
         self.value_embeds = nn.ModuleDict({str(i): embedding(weight(f"value_embeds.{i}.weight")) for i in ve_layers})
         self.ve_keys = [str(i) if i in ve_layers else None for i in range(config.n_layer)]
         self.window_sizes = config.window_sizes(spec)
@@ -423,28 +630,37 @@ class TorchGPT(nn.Module):
         return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], 1)
 
 
-def build_torch_model(ckpt: Checkpoint, dtype: str | None = None, quantize: int | None = None) -> TorchGPT:
+def build_torch_model(
+    ckpt: Checkpoint, dtype: str | None = None, quantize: int | None = None, gemv: str | None = None
+) -> TorchGPT:
     """The torch model for ``ckpt`` on the best device (CUDA, then MPS, then the CPU).
 
-    ``quantize=8`` stores the linear layers as weight-only int8 (bfloat16 activations by default).
+    ``quantize=8|4`` stores the linear layers as weight-only int8 / grouped int4 (bfloat16
+    activations). ``gemv`` forces one one-row kernel (``GEMV_KERNELS``) instead of measuring them.
     """
     if ckpt.quantization:
         raise NanochatError(f"{ckpt.name}: quantized MLX folders run on the MLX backend only")
-    if quantize not in (None, 8):
-        raise NanochatError("the torch backend quantizes to 8 bits (weight-only int8); 4-bit runs on MLX")
+    if quantize not in (None, 8, 4):
+        raise NanochatError(f"the torch backend quantizes to 8 or 4 bits, not {quantize}")
+    if gemv is not None and gemv not in GEMV_KERNELS:
+        raise NanochatError(f"unknown one-row kernel {gemv!r} (choose {', '.join(GEMV_KERNELS)})")
     device = default_device()
     dtype = dtype or ("bfloat16" if quantize else default_dtype(device))
     if dtype not in TORCH_DTYPES:
         raise NanochatError(f"unknown dtype {dtype!r} (choose {', '.join(TORCH_DTYPES)})")
-    if quantize and dtype == "float32":  # torch's int8 kernel is ~4x slower with float32 activations
+    if quantize == 8 and dtype == "float32":  # torch's int8 kernel is ~4x slower with float32 activations
         raise NanochatError("weight-only int8 runs with bfloat16 or float16 activations; drop --dtype float32")
-    model = TorchGPT(ckpt, device, TORCH_DTYPES[dtype]).eval()
+    if quantize == 4 and dtype != "bfloat16":  # the int4 kernels take bfloat16 (CPU: others are 40x slower)
+        raise NanochatError("weight-only int4 runs with bfloat16 activations; drop --dtype or use bfloat16")
+    model = TorchGPT(ckpt, device, TORCH_DTYPES[dtype], quantize).eval()
+    choose_gemv(model, gemv)
+    choose_decode_attention(model)
     if quantize:
-        quantize_int8(model)
-        model.quantization = quantize
-        try:  # fail at load, not mid-reply, where this torch/device has no int8 kernel
+        try:  # fail at load, not mid-reply, where this torch/device has no such kernel
             with torch.inference_mode():
                 model(torch.tensor([[0, 1]], device=device))
         except (RuntimeError, NotImplementedError) as e:
-            raise NanochatError(f"no weight-only int8 kernel on {device} (torch {torch.__version__}): {e}") from e
+            raise NanochatError(
+                f"no weight-only int{quantize} kernel on {device} (torch {torch.__version__}): {e}"
+            ) from e
     return model
