@@ -129,8 +129,8 @@ def load_adapters(directory: Path, model: nn.Module) -> None:
 
 def fuse(base: nn.Module, adapted: nn.Module) -> None:
     """Add each adapter's update to the matching weight of ``base``, an unquantized copy of the model."""
-    deltas = {path: m.delta() for path, m in adapted.named_modules() if isinstance(m, LoRALinear)}
+    deltas = {f"{path}.weight": m.delta() for path, m in adapted.named_modules() if isinstance(m, LoRALinear)}
     params = dict(tree_flatten(base.parameters()))
-    fused = [(f"{p}.weight", (params[f"{p}.weight"] + d).astype(params[f"{p}.weight"].dtype)) for p, d in deltas.items()]
+    fused = [(name, (params[name] + d).astype(params[name].dtype)) for name, d in deltas.items()]
     base.update(tree_unflatten(fused))
     mx.eval(base.parameters())

@@ -280,9 +280,9 @@ def _plot(directory: Path) -> str:
     train = [(r["step"], r["loss"]) for r in lines if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in lines if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(*zip(*train), label="train loss", linewidth=1)
+    ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(f"nanochat-mlx sft: {directory.name}")
@@ -414,9 +414,8 @@ def _train(plan: Plan, loaded, trainer, packer, val, world: World, progress: Pro
         tok_per_s = args.batch_tokens / dt
         run["smooth_loss"] = 0.9 * run["smooth_loss"] + 0.1 * loss
         smooth = run["smooth_loss"] / (1 - 0.9**step)  # the EMA, debiased
-        write(
-            {"step": step, "loss": loss, "lr_multiplier": lrm, "tokens": step * args.batch_tokens, "tok_per_s": tok_per_s}
-        )
+        tokens = step * args.batch_tokens
+        write({"step": step, "loss": loss, "lr_multiplier": lrm, "tokens": tokens, "tok_per_s": tok_per_s})
         shown = step / args.steps if args.steps > 0 else min(packer.epochs_done / args.epochs, 1.0)
         progress.update(step, smooth, tok_per_s, shown, loaded.engine.runner.peak_memory(), done())
         if done() or (args.eval_every > 0 and step % args.eval_every == 0):
