@@ -107,16 +107,18 @@ def _positive(name: str, value: int) -> int:
     return value
 
 
-def _inherit(args: argparse.Namespace, meta: dict[str, Any], say) -> None:
-    """Fill unset hyper-parameters from the checkpoint's meta, as chat_sft does."""
+def _inherit(args: argparse.Namespace, meta: dict[str, Any]) -> list[str]:
+    """Fill unset hyper-parameters from the checkpoint's meta, as chat_sft does; says what it chose."""
     user_config = meta.get("user_config") or {}
+    chosen = []
     for name, fallback, where in INHERITED:
         source = meta if where == "meta" else user_config
         stored = source.get(META_NAMES.get(name, name))
         if getattr(args, name) is None:
             value = stored if isinstance(stored, (int, float)) and stored > 0 else fallback
             setattr(args, name, value)
-            say(f"{name}={value}" + (" (from the checkpoint)" if value == stored else " (default)"))
+            chosen.append(f"{name}={value}" + (" (checkpoint)" if value == stored else " (default)"))
+    return chosen
 
 
 def _plan(args: argparse.Namespace, world: World) -> Plan:
@@ -175,13 +177,18 @@ class FullTrainer:
             entry[field] = int(value) if field == "step" else backend.from_numpy(value, params[key])
 
 
-def _trainer(loaded: LoadedModel, args: argparse.Namespace):
-    if args.lora_rank <= 0:
-        if loaded.quantization:
-            raise NanochatError("full fine-tuning needs unquantized weights: drop --quantize, or use --lora-rank")
-        return FullTrainer(loaded.model, args)
-    if loaded.backend != "mlx":
+def _check_method(args: argparse.Namespace, backend: str, quantized: bool) -> None:
+    """Refuse what the chosen method cannot do (before the load when the options tell, else after)."""
+    if args.lora_rank <= 0 and quantized:
+        raise NanochatError("full fine-tuning needs unquantized weights: drop --quantize, or use --lora-rank")
+    if args.lora_rank > 0 and backend == "torch":
         raise NanochatError("LoRA runs on the MLX backend only for now: add --backend mlx")
+
+
+def _trainer(loaded: LoadedModel, args: argparse.Namespace):
+    _check_method(args, loaded.backend, bool(loaded.quantization))
+    if args.lora_rank <= 0:
+        return FullTrainer(loaded.model, args)
     from .lora import LoRATrainer, apply_lora
 
     alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
@@ -323,8 +330,9 @@ def main(argv: list[str]) -> int:
         source = args.out  # the full run's own latest checkpoint
     options = LoadOptions(source, state["step"] if state and not args.lora_rank else args.step, args.arch,
                           args.dtype, args.quantize, args.backend)  # fmt: skip
+    _check_method(args, options.backend, options.quantize is not None)
     loaded = load_model(options)
-    _inherit(args, loaded.checkpoint.meta, lambda text: progress.note(text) if state is None else None)
+    inherited = _inherit(args, loaded.checkpoint.meta)
     plan = _plan(args, world)
     tokenizer, bos = loaded.tokenizer, loaded.tokenizer.get_bos_token_id()
     train = read_dataset(args.data, tokenizer, plan.row_capacity, args.strict)
@@ -348,6 +356,8 @@ def main(argv: list[str]) -> int:
         f"{plan.rows_per_step} rows x {args.max_seq_len} tokens a step, {plan.micro_batches} micro-batches of "
         f"{args.device_batch_size} over {world.size} process(es)" + ("; LoRA" if plan.lora else "")
     )
+    if inherited:
+        progress.note("inherited: " + ", ".join(inherited))
     _train(plan, loaded, trainer, packer, val, world, progress, step, run, out)
     return 0
 
