@@ -177,7 +177,7 @@ def launched(launcher: list[str], *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch is not installed")
 def test_two_mlx_processes_log_the_losses_of_one(tmp_path, data):
     common = ["sft", "--source", str(variant_dir("g9")), "--data", data["train"], "--val", data["val"],
-              "--steps", "4", "--eval-every", "-1", "--device-batch-size", "4", *SMALL[2:]]  # fmt: skip
+              "--steps", "4", "--eval-every", "-1", *SMALL[:2], "--device-batch-size", "4", *SMALL[4:]]  # fmt: skip
     assert run(*common, "--out", str(tmp_path / "one")).returncode == 0
     launch = [
         shutil.which("mlx.launch"),
@@ -202,7 +202,7 @@ def test_two_mlx_processes_log_the_losses_of_one(tmp_path, data):
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
 def test_two_torchrun_processes_log_the_losses_of_one(tmp_path, data):
     common = ["sft", "--source", str(variant_dir("g9")), "--data", data["train"], "--steps", "3",
-              "--eval-every", "-1", "--device-batch-size", "4", *SMALL[2:-1], "torch"]  # fmt: skip
+              "--eval-every", "-1", *SMALL[:2], "--device-batch-size", "4", *SMALL[4:-1], "torch"]  # fmt: skip
     assert run(*common, "--out", str(tmp_path / "one")).returncode == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     r = launched([*torchrun, "-m", "nanochat_mlx.cli"], *common, "--out", str(tmp_path / "two"))

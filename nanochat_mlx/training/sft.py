@@ -323,7 +323,7 @@ def main(argv: list[str]) -> int:
     world = init_world()
     progress = Progress(world, args.steps if args.steps > 0 else None)
     out = Path(args.out)
-    if state is None and world.main and out.exists() and any(out.glob("train_state_*.json")):
+    if state is None and out.exists() and any(out.glob("train_state_*.json")):
         raise NanochatError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
     source = args.source
     if state is not None and not args.lora_rank:
