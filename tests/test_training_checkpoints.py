@@ -83,6 +83,7 @@ def test_model_file_matches_state_dict_through_our_reader(tmp_path):
     assert all(np.array_equal(stored[n], w) for n, w in weights.items())
 
 
+@needs_torch
 def test_tokenizer_without_source_files_is_written_from_the_encoding(tmp_path):
     _, tokenizer = nc.load(str(FIXTURES / "g9"), dtype="float32")
     write_tokenizer(tmp_path, Tokenizer(tokenizer.enc))  # no source: nothing to copy

@@ -122,3 +122,24 @@ def test_quantized_models_are_refused():
     model, _ = nc.load(str(FIXTURES / "g9"), quantize=4)
     with pytest.raises(NanochatError, match="cannot train a quantized model"):
         training.reference_optimizer(model, 0.004, 0.3, 0.02, 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bfloat16_model_trains(backend):
+    model, _ = nc.load(str(FIXTURES / "g9"), dtype="bfloat16", backend=backend)
+    optimizer = training.reference_optimizer(model, **RUN["optimizer"], init_lr_frac=RUN["init_lr_frac"])
+    _, _, inputs, targets = expected("g9")
+    before = training.train_step(model, optimizer, inputs, targets)
+    after, _ = training.loss_and_grads(model, inputs, targets)
+    assert after < before
+
+
+def test_an_mlx_bfloat16_model_stays_bfloat16_after_a_step():
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    model, _ = nc.load(str(FIXTURES / "g9"), dtype="bfloat16", backend="mlx")
+    optimizer = training.reference_optimizer(model, **RUN["optimizer"])
+    _, _, inputs, targets = expected("g9")
+    training.train_step(model, optimizer, inputs, targets)
+    assert {p.dtype for _, p in tree_flatten(model.parameters())} == {mx.bfloat16}

@@ -35,7 +35,7 @@ def loss_and_grads(model: nn.Module, inputs: np.ndarray, targets: np.ndarray) ->
 
 
 def from_numpy(array: np.ndarray, like: mx.array) -> mx.array:
-    return mx.array(array).astype(like.dtype)
+    return mx.array(np.asarray(array, dtype=np.float32)).astype(like.dtype)
 
 
 def to_numpy(array: mx.array) -> np.ndarray:
@@ -66,7 +66,7 @@ class MLXKernels:
         dtype = p.dtype
         p, g = p.astype(mx.float32), g.astype(mx.float32)
         p = p * (1 - lr * weight_decay)  # decoupled weight decay, before the update
-        exp_avg = _lerp(exp_avg, g, 1 - beta1)
+        exp_avg = _lerp(exp_avg, g, 1 - beta1)  # the moments are kept in float32
         exp_avg_sq = _lerp(exp_avg_sq, mx.square(g), 1 - beta2)
         denom = mx.sqrt(exp_avg_sq / (1 - beta2**step)) + eps
         p = p - (lr / (1 - beta1**step)) * (exp_avg / denom)
@@ -75,6 +75,7 @@ class MLXKernels:
         return out
 
     def muon(self, p, g, momentum_buffer, second_buffer, *, momentum, lr, weight_decay, beta2, ns_steps, red_dim):
+        dtype = p.dtype
         momentum_buffer = _lerp(momentum_buffer, g, 1 - momentum)
         g = _lerp(g, momentum_buffer, momentum)  # Nesterov
         x = g.astype(mx.float32)
@@ -103,7 +104,7 @@ class MLXKernels:
         # Cautious weight decay: only where the update and the weight agree in sign.
         mask = (x * p) >= 0
         p = p - (lr * x + lr * weight_decay * p * mask)
-        out = p, momentum_buffer, second_buffer
+        out = p.astype(dtype), momentum_buffer, second_buffer
         mx.eval(out)
         return out
 

@@ -23,8 +23,7 @@ def parameters(model: TorchGPT) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def assign(model: TorchGPT, params: dict[str, torch.Tensor]) -> None:
     for name, view in parameters(model).items():
-        if params[name] is not view:
-            view.copy_(params[name])
+        view.copy_(params[name])
 
 
 def loss_and_grads(model: TorchGPT, inputs: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, dict]:
@@ -48,7 +47,7 @@ def loss_and_grads(model: TorchGPT, inputs: np.ndarray, targets: np.ndarray) -> 
 
 
 def from_numpy(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(array)).to(device=like.device, dtype=like.dtype)
+    return torch.tensor(np.asarray(array, dtype=np.float32)).to(device=like.device, dtype=like.dtype)
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -76,14 +75,15 @@ class TorchKernels:
     def adamw(self, p, g, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay):
         dtype = p.dtype
         p, g = p.float() * (1 - lr * weight_decay), g.float()  # decoupled weight decay, before the update
-        exp_avg = exp_avg.lerp(g, 1 - beta1)
-        exp_avg_sq = exp_avg_sq.lerp(g.square(), 1 - beta2)
+        exp_avg = exp_avg.float().lerp(g, 1 - beta1)  # the moments are kept in float32
+        exp_avg_sq = exp_avg_sq.float().lerp(g.square(), 1 - beta2)
         denom = (exp_avg_sq / (1 - beta2**step)).sqrt() + eps
         p = p - (lr / (1 - beta1**step)) * (exp_avg / denom)
         return p.to(dtype), exp_avg, exp_avg_sq
 
     @torch.no_grad()
     def muon(self, p, g, momentum_buffer, second_buffer, *, momentum, lr, weight_decay, beta2, ns_steps, red_dim):
+        dtype = p.dtype
         momentum_buffer = momentum_buffer.lerp(g, 1 - momentum)
         g = g.lerp(momentum_buffer, momentum)  # Nesterov
         x = g.float()
@@ -113,7 +113,7 @@ class TorchKernels:
         # Cautious weight decay: only where the update and the weight agree in sign.
         mask = (x * p) >= 0
         p = p - (lr * x + lr * weight_decay * p * mask)
-        return p, momentum_buffer, second_buffer
+        return p.to(dtype), momentum_buffer, second_buffer
 
 
 KERNELS = TorchKernels()
