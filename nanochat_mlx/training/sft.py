@@ -156,25 +156,14 @@ class FullTrainer:
         apply_gradients(self.model, self.optimizer, grads, lr_multiplier, momentum)
 
     def state(self) -> dict[str, np.ndarray]:
-        from . import _backend
+        from .optimizer_state import optimizer_state
 
-        backend = _backend(self.model)
-        out = {}
-        for key, fields in self.optimizer.state.items():
-            for field, value in fields.items():
-                out[f"{key}/{field}"] = np.asarray(value) if field == "step" else backend.to_numpy(value)
-        return out
+        return optimizer_state(self.model, self.optimizer)
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
-        from . import _backend
+        from .optimizer_state import load_optimizer_state
 
-        backend = _backend(self.model)
-        params = backend.parameters(self.model)
-        self.optimizer.state = {}
-        for name, value in state.items():
-            key, field = name.rsplit("/", 1)
-            entry = self.optimizer.state.setdefault(key, {})
-            entry[field] = int(value) if field == "step" else backend.from_numpy(value, params[key])
+        load_optimizer_state(self.model, self.optimizer, state)
 
 
 def _check_method(args: argparse.Namespace, backend: str, quantized: bool) -> None:
