@@ -116,6 +116,17 @@ def test_resume_continues_exactly_as_one_run(tmp_path, data, backend):
     assert losses(tmp_path / "two") == losses(tmp_path / "one")
 
 
+def test_by_default_the_run_is_one_epoch_of_the_data(tmp_path, data):
+    out = tmp_path / "epoch"
+    r = run("sft", "--source", str(variant_dir("g9")), "--data", data["train"], "--out", str(out),
+            "--eval-every", "-1", *SMALL)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    state = json.loads(next(out.glob("train_state_*.json")).read_text())
+    steps = len(losses(out))
+    # Each step packs 16 rows of 3 or 4 conversations: 64 conversations take 1 or 2 steps.
+    assert state["data"]["consumed"] >= 64 and steps in (1, 2) and state["step"] == steps
+
+
 def test_a_second_run_into_the_same_folder_is_refused(trained, data):
     out, _ = trained
     r = run("sft", "--source", str(variant_dir("g9")), "--data", data["train"], "--out", str(out), *SMALL)

@@ -345,6 +345,7 @@ def main(argv: list[str]) -> int:
         f"{plan.rows_per_step} rows x {args.max_seq_len} tokens a step, {plan.micro_batches} micro-batches of "
         f"{args.device_batch_size} over {world.size} process(es)" + ("; LoRA" if plan.lora else "")
     )
+    inherited = [x for x in inherited if not (plan.lora and x.split("=")[0].endswith("_lr"))]  # LoRA: --lr
     if inherited:
         progress.note("inherited: " + ", ".join(inherited))
     _train(plan, loaded, trainer, packer, val, world, progress, step, run, out)
