@@ -100,15 +100,20 @@ def test_the_loss_curve_is_drawn(trained):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-TORCH = pytest.param("torch", marks=pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed"))
+NEEDS_TORCH = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+LORA = ["--lora-rank", "4", "--lr", "1e-2"]
 
 
-@pytest.mark.parametrize("backend", ["mlx", TORCH])
-def test_resume_continues_exactly_as_one_run(tmp_path, data, backend):
+@pytest.mark.parametrize(
+    ("backend", "method"),
+    [("mlx", []), pytest.param("torch", [], marks=NEEDS_TORCH), ("mlx", LORA)],
+    ids=["mlx", "torch", "mlx-lora"],
+)
+def test_resume_continues_exactly_as_one_run(tmp_path, data, backend, method):
     # With a warmdown the schedule depends on the horizon (--steps), so a longer resumed run could not
     # match; without one, resuming at step 3 to step 6 must repeat the uninterrupted run's losses.
     common = ["--source", str(variant_dir("g1")), "--data", data["train"], "--eval-every", "-1",
-              "--warmdown-ratio", "0", *SMALL[:-1], backend]  # fmt: skip
+              "--warmdown-ratio", "0", *SMALL[:-1], backend, *method]  # fmt: skip
     assert run("sft", *common, "--out", str(tmp_path / "one"), "--steps", "6").returncode == 0
     assert run("sft", *common, "--out", str(tmp_path / "two"), "--steps", "3").returncode == 0
     r = run("sft", "--resume", str(tmp_path / "two"), "--steps", "6")
@@ -170,7 +175,7 @@ def test_full_fine_tuning_refuses_quantized_weights_in_one_line(tmp_path, data):
     )
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+@NEEDS_TORCH
 def test_lora_on_the_torch_backend_is_refused_in_one_line(tmp_path, data):
     r = run("sft", "--source", str(variant_dir("g9")), "--data", data["train"], "--out", str(tmp_path / "t"),
             "--lora-rank", "4", *SMALL[:-1], "torch")  # fmt: skip
@@ -210,7 +215,7 @@ def test_two_mlx_processes_log_the_losses_of_one(tmp_path, data):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+@NEEDS_TORCH
 def test_two_torchrun_processes_log_the_losses_of_one(tmp_path, data):
     common = ["sft", "--source", str(variant_dir("g9")), "--data", data["train"], "--steps", "3",
               "--eval-every", "-1", *SMALL[:2], "--device-batch-size", "4", *SMALL[4:-1], "torch"]  # fmt: skip
