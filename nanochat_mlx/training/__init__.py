@@ -128,8 +128,14 @@ def apply_gradients(
 
 
 def _step(
-    backend: ModuleType, model: Any, optimizer: MuonAdamW, grads: dict, lr_multiplier: float, muon_momentum
+    backend: ModuleType,
+    model: Any,
+    optimizer: MuonAdamW,
+    grads: dict[str, Any],
+    lr_multiplier: float,
+    muon_momentum: float | None,
 ) -> None:
+    """Set the schedule's lr (and Muon momentum) on every group, update, write the weights back."""
     for group in optimizer.param_groups:
         group.lr = group.initial_lr * lr_multiplier
         if group.kind == "muon" and muon_momentum is not None:

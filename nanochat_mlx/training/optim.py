@@ -60,20 +60,19 @@ def reference_groups(
     """
     scale = (n_embd / 768) ** -0.5  # AdamW lrs tuned at width 768, scaled as 1/sqrt(width)
 
-    def named(match) -> list[str]:
-        return [name for name in shapes if match(name)]
+    def present(*names: str) -> list[str]:
+        return [name for name in names if name in shapes]
 
+    value_embeds = [name for name in shapes if name.startswith("value_embeds.")]
     groups = [
-        ParamGroup("adamw", ["lm_head.weight"], unembedding_lr * scale, 0.01, (0.8, 0.96)),
-        ParamGroup("adamw", ["transformer.wte.weight"], embedding_lr * scale, 0.001, (0.8, 0.995)),
-        ParamGroup(
-            "adamw", named(lambda n: n.startswith("value_embeds.")), embedding_lr * scale * 0.5, 0.01, (0.8, 0.995)
-        ),
-        ParamGroup("adamw", named(lambda n: n == "resid_lambdas"), scalar_lr * 0.01, 0.05, (0.8, 0.95)),
-        ParamGroup("adamw", named(lambda n: n == "x0_lambdas"), scalar_lr, 0.0, (0.96, 0.95)),
-        ParamGroup("adamw", [n for n in SMEAR_PARAMS if n in shapes], 0.2, 0.0, (0.8, 0.95)),
+        ParamGroup("adamw", present("lm_head.weight"), unembedding_lr * scale, 0.01, (0.8, 0.96)),
+        ParamGroup("adamw", present("transformer.wte.weight"), embedding_lr * scale, 0.001, (0.8, 0.995)),
+        ParamGroup("adamw", value_embeds, embedding_lr * scale * 0.5, 0.01, (0.8, 0.995)),
+        ParamGroup("adamw", present("resid_lambdas"), scalar_lr * 0.01, 0.05, (0.8, 0.95)),
+        ParamGroup("adamw", present("x0_lambdas"), scalar_lr, 0.0, (0.96, 0.95)),  # higher beta1 for x0
+        ParamGroup("adamw", present(*SMEAR_PARAMS), 0.2, 0.0, (0.8, 0.95)),
     ]
-    matrices = named(lambda n: n.startswith("transformer.h."))
+    matrices = [name for name in shapes if name.startswith("transformer.h.")]
     for shape in sorted({shapes[n] for n in matrices}):
         groups.append(ParamGroup("muon", [n for n in matrices if shapes[n] == shape], matrix_lr, weight_decay))
     groups = [g for g in groups if g.names]
