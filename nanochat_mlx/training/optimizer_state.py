@@ -1,0 +1,51 @@
+"""MuonAdamW's state as numpy arrays and back, dtypes kept (so a resumed run steps exactly as before)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .optim import MuonAdamW
+
+
+def _dtype_name(value: Any) -> str:
+    return str(value.dtype).removeprefix("torch.").removeprefix("mlx.core.")
+
+
+def optimizer_state(model: Any, optimizer: MuonAdamW) -> dict[str, np.ndarray]:
+    """``{"<tensor>/<field>": float32 array}`` plus each field's dtype under ``"<tensor>/<field>#dtype"``."""
+    from . import _backend
+
+    backend = _backend(model)
+    out = {}
+    for key, fields in optimizer.state.items():
+        for field, value in fields.items():
+            if field == "step":
+                out[f"{key}/{field}"] = np.asarray(value)
+            else:
+                out[f"{key}/{field}"] = backend.to_numpy(value)
+                out[f"{key}/{field}#dtype"] = np.asarray(_dtype_name(value))
+    return out
+
+
+def _array(model: Any, value: np.ndarray, dtype: str) -> Any:
+    """``value`` as the model's backend array of ``dtype``, on the model's device."""
+    if type(model).__name__ == "TorchGPT":  # by name, so that MLX-only installs need no torch
+        import torch
+
+        return torch.from_numpy(np.asarray(value, np.float32)).to(device=model.device, dtype=getattr(torch, dtype))
+    import mlx.core as mx
+
+    return mx.array(np.asarray(value, np.float32)).astype(getattr(mx, dtype))
+
+
+def load_optimizer_state(model: Any, optimizer: MuonAdamW, state: dict[str, np.ndarray]) -> None:
+    """Restore what :func:`optimizer_state` saved."""
+    optimizer.state = {}
+    for name, value in state.items():
+        if name.endswith("#dtype"):
+            continue
+        key, field = name.rsplit("/", 1)
+        entry = optimizer.state.setdefault(key, {})
+        entry[field] = int(value) if field == "step" else _array(model, value, str(state[f"{name}#dtype"]))
