@@ -13,7 +13,7 @@ It computes what ``backends/mlx/model.py`` computes, for every generation, from 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -146,6 +146,15 @@ class Attention(nn.Module):
         self.scale = spec.qk_scale**2 / math.sqrt(self.head_dim)
         # Passing enable_gqa only when needed keeps torch < 2.5 working for models without GQA.
         self.gqa = {"enable_gqa": True} if self.groups > 1 else {}
+        self.ve_channels = spec.ve_gate_channels if has_ve else 0
+
+    def split(self, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of a ``c_qkv``-shaped tensor (the weight or its gradient) as c_q, c_k, c_v (and ve_gate)."""
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        parts = {"c_q": fused[:q], "c_k": fused[q : q + kv], "c_v": fused[q + kv : q + 2 * kv]}
+        if self.ve_channels:
+            parts["ve_gate"] = fused[q + 2 * kv :, : self.ve_channels]
+        return parts
 
     def forward(
         self,
@@ -212,11 +221,11 @@ class Block(nn.Module):
 
 
 class TorchGPT(nn.Module):
-    """The nanochat GPT of one generation (``spec``) and geometry (``config``), inference only.
+    """The nanochat GPT of one generation (``spec``) and geometry (``config``).
 
     ``model(ids, cache=None)`` takes int64 ids (B, T) and returns float32 logits (B, T, vocab_size).
-    Parameters keep the canonical names, except each layer's fused ``attn.c_qkv`` and an
-    ``lm_head`` without the padding rows; the scalar lambdas are plain floats.
+    Parameters keep the canonical names and shapes, except each layer's fused ``attn.c_qkv``
+    (``canonical`` maps them back). They are frozen; training unfreezes them and calls ``compute``.
     """
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
@@ -233,24 +242,21 @@ class TorchGPT(nn.Module):
         self.transformer = nn.ModuleDict(
             {"wte": embedding(weight("transformer.wte.weight")), "h": nn.ModuleList(blocks)}
         )
-        # Rows past vocab_size (g2+ padding) never produce a logit: keep only the real ones.
-        self.lm_head = Linear(weight("lm_head.weight")[: config.vocab_size])
+        # Rows past vocab_size (g2+ padding) never produce a logit, but they are kept (the logits
+        # are sliced) so that the weights stay those of the checkpoint, as training needs.
+        self.lm_head = Linear(weight("lm_head.weight"))
         self.value_embeds = nn.ModuleDict({str(i): embedding(weight(f"value_embeds.{i}.weight")) for i in ve_layers})
         self.ve_keys = [str(i) if i in ve_layers else None for i in range(config.n_layer)]
         self.window_sizes = config.window_sizes(spec)
 
-        def scalars(name: str) -> list[float]:
-            # Python floats, rounded to the compute dtype first as the MLX model does.
-            return [float(v) for v in weight(name).float().tolist()]
-
         if spec.lambdas:
-            self.resid_lambdas, self.x0_lambdas = scalars("resid_lambdas"), scalars("x0_lambdas")
+            self.resid_lambdas, self.x0_lambdas = frozen(weight("resid_lambdas")), frozen(weight("x0_lambdas"))
         if spec.smear:
             self.smear_gate = Linear(weight("smear_gate.weight"))
-            self.smear_lambda = scalars("smear_lambda")[0]
+            self.smear_lambda = frozen(weight("smear_lambda"))
         self.backout_layer = config.n_layer // 2 if spec.backout else None
         if spec.backout:
-            self.backout_lambda = scalars("backout_lambda")[0]
+            self.backout_lambda = frozen(weight("backout_lambda"))
         cos, sin = rotary_tables(config.head_dim, config.rope_len, spec.rope_base, spec.rope_table_bf16)
         # [cos, cos] and [sin, -sin]: the rotation of both halves is then x * cos + roll(x) * sin.
         for name, table in (("cos", np.concatenate([cos, cos], 1)), ("sin", np.concatenate([sin, -sin], 1))):
@@ -279,9 +285,26 @@ class TorchGPT(nn.Module):
             cache.smear_prev = self.embed(cache.ids[:, length - 1 : length]) if length else None
         return True
 
+    def canonical(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors named like this model's parameters (the parameters, or their gradients) under
+        the canonical names and shapes: each ``attn.c_qkv`` split into views, the rest as they are."""
+        out = {}
+        for name, tensor in tensors.items():
+            if name.endswith(".attn.c_qkv.weight"):
+                prefix = name.removesuffix("c_qkv.weight")
+                layer = self.transformer.h[int(name.split(".")[2])].attn
+                out.update({f"{prefix}{part}.weight": view for part, view in layer.split(tensor).items()})
+            else:
+                out[name] = tensor
+        return out
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab_size) for ids (B, T); ``last_only`` keeps just the last position (prefill)."""
+        return self.compute(ids, cache, last_only)
+
+    def compute(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """``forward`` outside inference mode, so that gradients can flow (training)."""
         ids = ids.to(self.device)
         B, T = ids.shape
         offset = cache.length if cache is not None else 0
@@ -309,10 +332,12 @@ class TorchGPT(nn.Module):
             x = x - self.backout_lambda * x_mid
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(rms_norm(x)).float()
+        logits = self.lm_head(rms_norm(x))[..., : self.config.vocab_size].float()
+        cap = self.spec.softcap
+        if logits.requires_grad:
+            return cap * torch.tanh(logits / cap)
         # Softcap in place: the logits are a fresh tensor, and vocabulary-sized temporaries cost
         # more than the arithmetic (each new one is fresh memory to fault in).
-        cap = self.spec.softcap
         return logits.div_(cap).tanh_().mul_(cap)
 
     def _plan(self, T: int) -> dict[int | None, Slots]:

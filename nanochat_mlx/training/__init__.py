@@ -1,0 +1,143 @@
+"""Fine-tuning core: the reference's loss, gradients, optimizer and checkpoints, on either backend.
+
+Every function takes a model from ``nanochat_mlx.load`` (MLX or torch) and speaks the reference's
+canonical tensor names and shapes (``transformer.h.0.attn.c_q.weight``, padded vocab rows
+included), whatever layout the backend computes with.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ..errors import NanochatError
+from .checkpoints import save_checkpoint
+from .optim import MuonAdamW, ParamGroup, reference_groups
+
+__all__ = [
+    "MuonAdamW",
+    "ParamGroup",
+    "apply_gradients",
+    "loss_and_grads",
+    "reference_optimizer",
+    "save_checkpoint",
+    "state_dict",
+    "train_step",
+]
+
+
+def _backend(model: Any) -> ModuleType:
+    """The training module of the backend ``model`` belongs to."""
+    from ..backends.mlx.model import GPT
+
+    if isinstance(model, GPT):
+        backend = "mlx"
+    elif type(model).__name__ == "TorchGPT":  # checked by name so that MLX-only installs need no torch
+        backend = "torch"
+    else:
+        raise NanochatError(f"cannot train a {type(model).__name__}: expected a model from nanochat_mlx.load")
+    if getattr(model, "quantization", None):
+        raise NanochatError("cannot train a quantized model; load it without quantize")
+    if backend == "mlx":
+        from . import mlx_backend
+
+        return mlx_backend
+    from . import torch_backend
+
+    return torch_backend
+
+
+def _batch(inputs: Any, targets: Any) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(inputs, dtype=np.int64), np.asarray(targets, dtype=np.int64)
+    if x.ndim != 2 or x.shape != y.shape:
+        raise NanochatError(f"inputs and targets must both be B x T lists of ids; got {x.shape} and {y.shape}")
+    if not (y != -1).any():
+        raise NanochatError("every target is -1 (ignored): the loss is undefined")
+    return x, y
+
+
+def loss_and_grads(model: Any, inputs: Any, targets: Any) -> tuple[float, dict[str, np.ndarray]]:
+    """The reference's training loss for one batch and its gradient per canonical tensor.
+
+    ``inputs`` and ``targets`` are B x T ids (targets -1 are ignored); the loss is the mean
+    cross-entropy of the softcapped float32 logits over the other targets, as the reference's
+    ``GPT.forward(idx, targets)``. Gradients are float32 numpy arrays of the checkpoint's shapes.
+    """
+    backend = _backend(model)
+    loss, grads = backend.loss_and_grads(model, *_batch(inputs, targets))
+    return float(loss.item()), {name: backend.to_numpy(g) for name, g in grads.items()}
+
+
+def reference_optimizer(
+    model: Any,
+    unembedding_lr: float,
+    embedding_lr: float,
+    matrix_lr: float,
+    weight_decay: float,
+    scalar_lr: float = 0.5,
+    init_lr_frac: float = 1.0,
+) -> MuonAdamW:
+    """The reference's ``setup_optimizer`` (HEAD) for ``model``, lrs scaled by ``init_lr_frac`` (chat_sft)."""
+    backend = _backend(model)
+    shapes = {name: tuple(p.shape) for name, p in backend.parameters(model).items()}
+    groups = reference_groups(
+        shapes, model.config.n_embd, unembedding_lr, embedding_lr, matrix_lr, weight_decay, scalar_lr, init_lr_frac
+    )
+    return MuonAdamW(groups, backend.KERNELS)
+
+
+def train_step(
+    model: Any,
+    optimizer: MuonAdamW,
+    inputs: Any,
+    targets: Any,
+    lr_multiplier: float = 1.0,
+    muon_momentum: float | None = None,
+) -> float:
+    """One step: loss and gradients, each group's lr set to initial_lr x ``lr_multiplier`` (and the
+    Muon momentum, if given), the update written into the model. Returns the loss before the step."""
+    backend = _backend(model)
+    loss, grads = backend.loss_and_grads(model, *_batch(inputs, targets))
+    _step(backend, model, optimizer, grads, lr_multiplier, muon_momentum)
+    return float(loss.item())
+
+
+def apply_gradients(
+    model: Any,
+    optimizer: MuonAdamW,
+    grads: dict[str, np.ndarray],
+    lr_multiplier: float = 1.0,
+    muon_momentum: float | None = None,
+) -> None:
+    """``train_step`` with given gradients (canonical names and shapes, e.g. summed over micro-batches)."""
+    backend = _backend(model)
+    params = backend.parameters(model)
+    wrong = sorted(set(params) ^ set(grads)) or [n for n in params if tuple(grads[n].shape) != tuple(params[n].shape)]
+    if wrong:
+        raise NanochatError(f"gradients must match the model's canonical tensors; {wrong[0]} does not")
+    _step(
+        backend,
+        model,
+        optimizer,
+        {n: backend.from_numpy(g, params[n]) for n, g in grads.items()},
+        lr_multiplier,
+        muon_momentum,
+    )
+
+
+def _step(
+    backend: ModuleType, model: Any, optimizer: MuonAdamW, grads: dict, lr_multiplier: float, muon_momentum
+) -> None:
+    for group in optimizer.param_groups:
+        group.lr = group.initial_lr * lr_multiplier
+        if group.kind == "muon" and muon_momentum is not None:
+            group.momentum = muon_momentum
+    backend.assign(model, optimizer.update(backend.parameters(model), grads))
+
+
+def state_dict(model: Any) -> dict[str, np.ndarray]:
+    """The model's weights as numpy arrays under the canonical names and shapes (float32)."""
+    backend = _backend(model)
+    return {name: backend.to_numpy(p) for name, p in backend.parameters(model).items()}

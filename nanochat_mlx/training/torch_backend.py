@@ -1,0 +1,119 @@
+"""Training on the torch model: gradients flow through its fused layout and come back canonical.
+
+``TorchGPT`` keeps each layer's q, k, v (and value-embedding gate) in one ``c_qkv`` matrix; its
+``canonical`` splits that (and its gradient) into views with the reference's names and shapes,
+so the optimizer updates the reference's tensors and writing them back updates the model in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..backends.torch.model import TorchGPT
+from .optim import POLAR_EXPRESS
+
+
+def parameters(model: TorchGPT) -> dict[str, torch.Tensor]:
+    """Canonical views of the model's weights (detached: updates go through ``assign``)."""
+    return model.canonical({name: p.detach() for name, p in model.named_parameters()})
+
+
+@torch.no_grad()
+def assign(model: TorchGPT, params: dict[str, torch.Tensor]) -> None:
+    for name, view in parameters(model).items():
+        if params[name] is not view:
+            view.copy_(params[name])
+
+
+def loss_and_grads(model: TorchGPT, inputs: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, dict]:
+    x = torch.as_tensor(inputs, dtype=torch.long, device=model.device)
+    y = torch.as_tensor(targets, dtype=torch.long, device=model.device)
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        logits = model.compute(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-1)
+        loss.backward()
+        # The padding columns of a fused value-embedding gate get gradients too; split() drops them.
+        grads = model.canonical({name: p.grad for name, p in params.items()})
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+            p.grad = None
+    return loss.detach(), grads
+
+
+def from_numpy(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(array)).to(device=like.device, dtype=like.dtype)
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A float32 copy (``.numpy()`` alone would share memory with a CPU model's live weights)."""
+    return np.array(tensor.detach().float().cpu().numpy())
+
+
+def _norm(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return x.norm(dim=dims, keepdim=True)
+
+
+class TorchKernels:
+    """The AdamW and Muon updates in float32 torch ops."""
+
+    def zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def stack(self, arrays: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(arrays)
+
+    def unstack(self, array: torch.Tensor) -> list[torch.Tensor]:
+        return list(array.unbind(0))
+
+    @torch.no_grad()
+    def adamw(self, p, g, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay):
+        dtype = p.dtype
+        p, g = p.float() * (1 - lr * weight_decay), g.float()  # decoupled weight decay, before the update
+        exp_avg = exp_avg.lerp(g, 1 - beta1)
+        exp_avg_sq = exp_avg_sq.lerp(g.square(), 1 - beta2)
+        denom = (exp_avg_sq / (1 - beta2**step)).sqrt() + eps
+        p = p - (lr / (1 - beta1**step)) * (exp_avg / denom)
+        return p.to(dtype), exp_avg, exp_avg_sq
+
+    @torch.no_grad()
+    def muon(self, p, g, momentum_buffer, second_buffer, *, momentum, lr, weight_decay, beta2, ns_steps, red_dim):
+        momentum_buffer = momentum_buffer.lerp(g, 1 - momentum)
+        g = g.lerp(momentum_buffer, momentum)  # Nesterov
+        x = g.float()
+        # MuonEq: every row rescaled to the mean row norm before orthogonalizing.
+        target = _norm(x, (-2, -1)) / (x.shape[-2] ** 0.5)
+        x = x * (target / _norm(x, (-1,)).clamp_min(1e-6))
+        x = x / (_norm(x, (-2, -1)) * 1.01 + 1e-6)
+        tall = x.shape[-2] > x.shape[-1]
+        for a, b, c in POLAR_EXPRESS[:ns_steps]:
+            if tall:
+                A = x.mT @ x
+                x = a * x + x @ (b * A + c * (A @ A))
+            else:
+                A = x @ x.mT
+                x = a * x + (b * A + c * (A @ A)) @ x
+        x = x.to(p.dtype)
+        # Muon+: snap the Frobenius norm to that of a semi-orthogonal matrix.
+        x = x * (min(x.shape[-2], x.shape[-1]) ** 0.5 / _norm(x.float(), (-2, -1)).clamp_min(1e-6))
+        # NorMuon: per-row (or per-column) step sizes from a second-moment EMA, total norm kept.
+        v_mean = x.float().square().mean(dim=red_dim, keepdim=True)
+        size = x.shape[red_dim]
+        v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * size).sqrt()
+        second_buffer = second_buffer.lerp(v_mean.to(second_buffer.dtype), 1 - beta2)
+        step_size = second_buffer.clamp_min(1e-10).rsqrt()
+        v_norm_new = (v_mean * size * step_size.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+        x = x * (step_size * (v_norm / v_norm_new.clamp_min(1e-10)))
+        # Cautious weight decay: only where the update and the weight agree in sign.
+        mask = (x * p) >= 0
+        p = p - (lr * x + lr * weight_decay * p * mask)
+        return p, momentum_buffer, second_buffer
+
+
+KERNELS = TorchKernels()
