@@ -1,0 +1,84 @@
+"""Data parallelism across processes: ``mlx.launch`` (mx.distributed) or ``torchrun`` (torch.distributed).
+
+The trainer sums numpy arrays across processes through a :class:`World`; which library carries
+them is decided by the launcher's environment (``MLX_RANK`` / ``WORLD_SIZE``), not by the model's
+backend, so either backend trains under either launcher. One process: a World of size 1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import NanochatError
+
+
+class World:
+    """This process's rank among ``size`` processes, and a sum over all of them."""
+
+    def __init__(self, rank: int = 0, size: int = 1) -> None:
+        self.rank, self.size = rank, size
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes files and prints progress."""
+        return self.rank == 0
+
+    def all_sum(self, array: np.ndarray) -> np.ndarray:
+        return array
+
+
+class MLXWorld(World):
+    def __init__(self) -> None:
+        import mlx.core as mx
+
+        self._mx = mx
+        self._group = mx.distributed.init(strict=True)
+        super().__init__(self._group.rank(), self._group.size())
+
+    def all_sum(self, array: np.ndarray) -> np.ndarray:
+        # On the CPU stream: the ring and MPI backends reduce there.
+        total = self._mx.distributed.all_sum(self._mx.array(array), group=self._group, stream=self._mx.cpu)
+        return np.array(total)
+
+
+class TorchWorld(World):
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        super().__init__(dist.get_rank(), dist.get_world_size())
+
+    def all_sum(self, array: np.ndarray) -> np.ndarray:
+        import torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM)
+        return tensor.numpy()
+
+
+def init_world() -> World:
+    """The World this process was launched into (size 1 without a launcher)."""
+    try:
+        if "MLX_RANK" in os.environ:
+            return MLXWorld()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return TorchWorld()
+    except (RuntimeError, ValueError) as e:
+        raise NanochatError(f"cannot join the other processes: {e}") from None
+    return World()
+
+
+def sum_arrays(world: World, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every array summed over the processes, in one float32 message."""
+    if world.size == 1:
+        return arrays
+    flat = world.all_sum(np.concatenate([a.reshape(-1).astype(np.float32) for a in arrays.values()]))
+    out, offset = {}, 0
+    for name, a in arrays.items():
+        out[name] = flat[offset : offset + a.size].reshape(a.shape)
+        offset += a.size
+    return out
