@@ -50,7 +50,7 @@ def arithmetic(rng: random.Random) -> Conversation:
         b = max(b, 1)
         if rng.random() < 0.7:  # mostly exact divisions, so most answers are integers
             b = rng.randint(1, 99)
-            a = b * rng.randint(1, 9999 // b)
+            a = b * rng.randint(1, 999)  # so a dividend may have 5 digits (up to 98,901)
     expr_template, phrasings = _OPS[op]
     expr = expr_template.format(a=a, b=b)
     result = use_calculator(expr)

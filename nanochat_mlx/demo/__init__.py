@@ -46,7 +46,8 @@ def describe(meta: dict[str, Any]) -> list[tuple[str, str]]:
     figures = demo.get("figures") or {}
     rows = [("about", "the built-in demo model: tiny, trained in minutes on a CPU; " + REAL_MODEL_HINT)]
     if "val_bpb" in figures:
-        rows.append(("val bpb", f"{figures['val_bpb']:.3f} bits per byte on held-out Shakespeare"))
+        after = f" ({figures['pretrain_val_bpb']:.2f} before the chat phase)" if "pretrain_val_bpb" in figures else ""
+        rows.append(("val bpb", f"{figures['val_bpb']:.2f} bits per byte on held-out Shakespeare{after}"))
     arithmetic = figures.get("arithmetic") or {}
     if "accuracy" in arithmetic:
         ops = ", ".join(f"{op} {acc:.0%}" for op, acc in (arithmetic.get("by_operation") or {}).items())
