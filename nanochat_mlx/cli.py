@@ -20,7 +20,7 @@ from .options import BACKENDS, DTYPES, QUANT_BITS, LoadOptions, finite
 from .sampling import SamplingParams
 from .sources import DEFAULT_SOURCE
 
-COMMANDS = ("chat", "tui", "info", "convert", "bench", "serve", "sft")
+COMMANDS = ("chat", "tui", "info", "convert", "bench", "serve", "sft", "models")
 PHASES = ("base", "mid", "sft", "rl")  # the reference chat CLI's -i/--source values
 
 
@@ -98,7 +98,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
         prog="nanochat-mlx",
         parents=[model, sampling],
         description="Chat with a nanochat model (one-shot with -p, else a REPL). "
-        "Other commands: tui, info, convert, bench, serve, sft (nanochat-mlx COMMAND --help).",
+        "Other commands: tui, info, convert, bench, serve, sft, models (nanochat-mlx COMMAND --help).",
     )
     chat.add_argument("--version", action="version", version=f"nanochat-mlx {__version__}")
     chat.add_argument("-p", "--prompt", help="one-shot prompt ('-' reads stdin); prints only the reply")
@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         from .training.sft import main as sft_main
 
         return _guarded(lambda: sft_main(argv), debug="--debug" in argv)
+    if command == "models":
+        from .models import main as models_main
+
+        return _guarded(lambda: models_main(argv), debug=False)
     args = build_parser()[command].parse_args(argv)
     run: Callable[[argparse.Namespace], int] = {"chat": _chat, "tui": _tui, "info": _info, "convert": _convert}[command]
     return _guarded(lambda: run(args), debug=args.debug)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint, read_checkpoint
+from .demo import describe as describe_demo
 from .engine import Engine
 from .options import LoadOptions
 from .tokenizer import Tokenizer
@@ -203,5 +204,6 @@ def describe_checkpoint(ckpt: Checkpoint) -> list[tuple[str, str]]:
     ]
     if ckpt.quantization:
         rows.append(("quantization", f"{ckpt.quantization['bits']}-bit, group {ckpt.quantization['group_size']}"))
+    rows += describe_demo(ckpt.meta)
     rows += [("note", n) for n in ckpt.notes]
     return rows

@@ -1,7 +1,7 @@
 """Resolve a source string to the files of one checkpoint (``CheckpointFiles``).
 
-Sources: a local folder (native nanochat, transformers, mlx-lm or our converted layout), a
-native model file, ``nanochat:<phase>[/<tag>]`` (the reference's base dir) and
+Sources: ``demo`` (the built-in model), a local folder (native nanochat, transformers, mlx-lm or
+our converted layout), a native model file, ``nanochat:<phase>[/<tag>]`` (the reference's base dir) and
 ``hf:owner/name[/subdir][@revision]`` (downloaded through huggingface_hub, only the files needed).
 """
 
@@ -56,6 +56,10 @@ class CheckpointFiles:
 
 def resolve(source: str, step: int | None = None, *, progress: Progress | None = None) -> CheckpointFiles:
     """Find the checkpoint files behind ``source`` (``progress`` reports Hub downloads)."""
+    if source == "demo":
+        from .demo import demo_files
+
+        return demo_files(step)
     if source.startswith("hf:"):
         return _resolve_hub(source[3:], step, progress)
     if source.startswith("nanochat:"):

@@ -1,0 +1,1 @@
+"""The recipe that regenerates the built-in demo model (``python -m benchmarks.demo.build --out DIR``)."""
