@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -165,3 +167,19 @@ def test_synthetic_tokenizer():
 def test_bad_options():
     assert bench.main(["--geometry", "d12", "--dtype", "float64"]) == 1
     assert bench.main(["--geometry", "x7"]) == 1
+
+
+def test_serve_benchmark_drives_the_real_server_and_writes_its_rows(tmp_path):
+    out = tmp_path / "serve.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "nanochat_mlx.cli", "bench", "--serve", "--geometry", "d2", "--backend", "torch"
+         if importlib.util.find_spec("torch") else "mlx", "--concurrency", "1,2", "--decode-tokens", "4",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["concurrency"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["impl"] == "nanochat-mlx-serve" and row["errors"] == 0 and row["requests"] > 0
+        assert row["aggregate_decode_tps"] > 0 and row["ttft_p95_s"] >= row["ttft_p50_s"] > 0

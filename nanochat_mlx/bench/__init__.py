@@ -56,6 +56,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chat-turns", type=int, default=5, help="TTFT of this chat turn with/without the prompt cache (0: skip)"
     )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="serving benchmark: start the real server and drive it with N concurrent streaming clients",
+    )
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="with --serve: comma-separated client counts")
     p.add_argument("--json", type=Path, default=None, help="write rows (and machine facts) as JSON")
     p.add_argument("--markdown", type=Path, default=None, help="write the Markdown tables")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of tok/s vs context (needs matplotlib)")
@@ -110,6 +116,8 @@ def _main(args: argparse.Namespace) -> int:
         if d not in DTYPES:
             raise NanochatError(f"unknown dtype {d!r} (choose {', '.join(DTYPES)})")
     quantize = _quantize(_split(args.quantize))
+    if args.serve:
+        return _serve(args)
     compare = _compare(_split(args.compare), args.reference_repo)
     if args.torch_threads:
         import torch
@@ -170,4 +178,41 @@ def _main(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     if args.plot:
         plot(rows, args.plot)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """``bench --serve``: the real ``nanochat-mlx serve`` (and ``mlx_lm.server`` with ``--compare mlx-lm``)
+    on one random-weight folder, under 1, 2, 4, ... concurrent streaming clients."""
+    from ..serve.loadtest import markdown as serve_markdown
+    from ..serve.loadtest import run_serve_benchmark
+
+    if args.source:
+        raise NanochatError("--serve measures a random-weight --geometry model (the same folder for every server)")
+    try:
+        levels = tuple(int(c) for c in args.concurrency.split(","))
+    except ValueError:
+        raise NanochatError(
+            f"--concurrency {args.concurrency!r}: expected comma-separated counts like 1,2,4,8"
+        ) from None
+    rows = run_serve_benchmark(
+        geometry=args.geometry or "d12",
+        arch=args.arch or "g1",
+        backend="torch" if args.backend == "all" else args.backend,
+        concurrency=levels,
+        compare=tuple(_split(args.compare)),
+        max_tokens=args.decode_tokens or 64,
+        threads=args.torch_threads,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    table = serve_markdown(rows)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table + "\n", encoding="utf-8")
+    if args.json:
+        from .run import memory_bandwidth_gbps
+
+        threads = args.torch_threads or 1
+        payload = {"machine": machine_facts(memory_bandwidth_gbps(threads), threads), "rows": [asdict(r) for r in rows]}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return 0
