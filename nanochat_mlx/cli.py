@@ -18,10 +18,10 @@ from . import __version__
 from .errors import NanochatError
 from .options import BACKENDS, DTYPES, QUANT_BITS, LoadOptions, finite
 from .sampling import SamplingParams
-from .sources import DEFAULT_SOURCE
 
 COMMANDS = ("chat", "tui", "info", "convert", "bench", "serve", "sft", "models")
 PHASES = ("base", "mid", "sft", "rl")  # the reference chat CLI's -i/--source values
+DEFAULT_HELP = "the model you chose last, else the built-in demo"
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,15 +44,14 @@ def model_options_parent(source: str = "option") -> argparse.ArgumentParser:
     parent = Parser(add_help=False)
     g = parent.add_argument_group("model")
     if source == "positional":
-        g.add_argument("source", nargs="?", default=DEFAULT_SOURCE, help=f"the checkpoint (default {DEFAULT_SOURCE})")
+        g.add_argument("source", nargs="?", help=f"the checkpoint (default: {DEFAULT_HELP})")
     else:
         g.add_argument(
             "--source",
             "--model",
             "-i",
-            default=DEFAULT_SOURCE,
-            help="folder, hf:owner/name[/sub][@rev], nanochat:sft[/tag], or a phase (base, mid, sft, rl) "
-            f"of the nanochat base dir (default {DEFAULT_SOURCE})",
+            help="folder, hf:owner/name[/sub][@rev], nanochat:sft[/tag], a phase (base, mid, sft, rl) "
+            f"of the nanochat base dir, or demo (default: {DEFAULT_HELP})",
         )
         g.add_argument("-g", "--model-tag", help="with a phase: the model tag in the base dir, e.g. d20")
     g.add_argument("-s", "--step", type=int, help="checkpoint step (default: the highest)")
@@ -119,8 +118,16 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
 
 def load_options(args: argparse.Namespace) -> LoadOptions:
-    """The validated model options of a parsed command line."""
+    """The validated model options of a parsed command line. Without a source: the model chosen last,
+    else the built-in demo (with a one-line hint on how to get a real model)."""
+    from .userconfig import default_source, default_source_hint
+
     source = args.source
+    if source is None:
+        source = default_source()
+        hint = default_source_hint(source)
+        if hint:
+            print(hint, file=sys.stderr)
     tag = getattr(args, "model_tag", None)
     if source in PHASES and not Path(source).exists() or tag:
         source = f"nanochat:{source.removeprefix('nanochat:')}" + (f"/{tag}" if tag else "")
@@ -211,6 +218,7 @@ def _load(options: LoadOptions):
 
 def _chat(args: argparse.Namespace) -> int:
     from .session import ChatSession
+    from .userconfig import remember_source
 
     # Validate every option before the (slow) model load.
     options, params = load_options(args), sampling_params(args)
@@ -220,6 +228,8 @@ def _chat(args: argparse.Namespace) -> int:
     if prompt is not None and not prompt.strip():
         raise NanochatError("the prompt is empty: give -p TEXT, or -p - with text on stdin")
     loaded = _load(options)
+    if args.source is not None:  # an explicit choice becomes the default of the next run
+        remember_source(options.source)
     session = ChatSession(loaded.engine, system_prompt=args.system, params=params)
     if prompt is not None:
         _stream_reply(session, prompt)
@@ -288,7 +298,13 @@ def _repl(session, stats: bool, description: str) -> int:
 def _tui(args: argparse.Namespace) -> int:
     from tui.app import run_tui
 
-    return run_tui(load_options(args), params=sampling_params(args), system=args.system, debug=args.debug)
+    from .userconfig import remember_source
+
+    options = load_options(args)
+    code = run_tui(options, params=sampling_params(args), system=args.system, debug=args.debug)
+    if code == 0 and args.source is not None:  # it loaded: the next run starts there
+        remember_source(options.source)
+    return code
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -21,7 +21,6 @@ from .fileio import read_json
 if TYPE_CHECKING:
     from .hub import Progress
 
-DEFAULT_SOURCE = "hf:Antigma/nanochat-d32"
 
 _MODEL = re.compile(r"^model(?:_(\d+))?\.(pt|safetensors)$")
 _META = re.compile(r"^meta_(\d+)\.json$")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -115,3 +116,17 @@ def copy_variant(name: str, dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_user_config(tmp_path_factory) -> Path:
+    """Every test (and every subprocess it starts) remembers its chosen model in a folder of its own,
+    never in the user's real config dir."""
+    folder = tmp_path_factory.mktemp("user-config")
+    previous = os.environ.get("NANOCHAT_MLX_CONFIG_DIR")
+    os.environ["NANOCHAT_MLX_CONFIG_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("NANOCHAT_MLX_CONFIG_DIR", None)
+    else:
+        os.environ["NANOCHAT_MLX_CONFIG_DIR"] = previous

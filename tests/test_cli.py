@@ -143,11 +143,22 @@ def test_uncached_hub_repo_offline_says_how_to_use_a_local_folder(tmp_path):
     assert "hf:nobody/not-a-model" in err and "--source" in err and "Traceback" not in err
 
 
-def test_default_source_is_the_d32_hub_repo(tmp_path):
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    r = nanochat("-p", "hi", env=env)
-    assert r.returncode == 1
-    assert "hf:Antigma/nanochat-d32" in r.stderr.decode()
+def test_without_a_source_the_demo_answers_and_says_how_to_get_a_real_model(tmp_path):
+    r = nanochat("-p", "What is 123*45?", "-t", "0", env={"NANOCHAT_MLX_CONFIG_DIR": str(tmp_path / "cfg")})
+    assert r.returncode == 0, r.stderr.decode()
+    assert "5535" in r.stdout.decode()
+    err = r.stderr.decode()
+    assert "demo" in err and "nanochat-mlx models" in err and err.count("note:") == 1
+
+
+def test_the_source_chosen_last_is_the_next_default(tmp_path):
+    env = {"NANOCHAT_MLX_CONFIG_DIR": str(tmp_path / "cfg")}
+    user, want, max_tokens = reference_reply("g9")
+    first = nanochat("--source", str(variant_dir("g9")), "-p", "hi", "-t", "0", "-m", "2", env=env)
+    assert first.returncode == 0, first.stderr.decode()
+    again = nanochat("-p", user, "-t", "0", "-m", str(max_tokens), env=env)
+    assert again.returncode == 0, again.stderr.decode()
+    assert again.stdout.decode() == want + "\n" and "demo" not in again.stderr.decode()
 
 
 def test_debug_shows_the_traceback(tmp_path):

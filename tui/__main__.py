@@ -6,6 +6,7 @@ import sys
 
 from nanochat_mlx.options import LoadOptions
 from nanochat_mlx.sampling import SamplingParams
+from nanochat_mlx.userconfig import default_source
 
 from .app import run_tui
 
@@ -16,5 +17,5 @@ if __name__ == "__main__":
         i = args.index("--backend")
         backend = args[i + 1]
         del args[i : i + 2]
-    source = args[0] if args else "hf:Antigma/nanochat-d32"
+    source = args[0] if args else default_source()
     sys.exit(run_tui(LoadOptions(source, backend=backend), params=SamplingParams()))
