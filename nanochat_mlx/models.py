@@ -20,7 +20,7 @@ from pathlib import Path
 from .demo import MODEL_DIR, demo_meta
 from .demo import SOURCE as DEMO_SOURCE
 from .errors import NanochatError
-from .sources import _PHASE_DIRS, nanochat_base_dir, resolve
+from .sources import PHASE_DIRS, nanochat_base_dir, resolve
 
 GROUPS = {
     "built-in": "built-in (offline)",
@@ -122,7 +122,7 @@ def base_dir_choices(base: Path | None = None) -> list[ModelChoice]:
     """Every model tag of every phase in the nanochat base dir."""
     base = base or nanochat_base_dir()
     choices = []
-    for phase, dirname in _PHASE_DIRS.items():
+    for phase, dirname in PHASE_DIRS.items():
         phase_dir = base / dirname
         if not phase_dir.is_dir():
             continue

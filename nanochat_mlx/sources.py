@@ -26,7 +26,7 @@ _MODEL = re.compile(r"^model(?:_(\d+))?\.(pt|safetensors)$")
 _META = re.compile(r"^meta_(\d+)\.json$")
 MAX_DEPTH = 3  # checkpoint folders are looked for at most this many levels below the source
 _TOKENIZER_LEVELS = 3  # a local folder's listing reaches this many folders above it (base dir tokenizer/)
-_PHASE_DIRS = {
+PHASE_DIRS = {
     "base": "base_checkpoints",
     "mid": "mid_checkpoints",
     "sft": "chatsft_checkpoints",
@@ -304,9 +304,9 @@ def nanochat_base_dir() -> Path:
 
 def _resolve_base_dir(spec: str, step: int | None) -> CheckpointFiles:
     phase, _, tag = spec.partition("/")
-    if phase not in _PHASE_DIRS:
-        raise NanochatError(f"nanochat:{spec}: unknown phase {phase!r} (choose {', '.join(_PHASE_DIRS)})")
-    phase_dir = nanochat_base_dir() / _PHASE_DIRS[phase]
+    if phase not in PHASE_DIRS:
+        raise NanochatError(f"nanochat:{spec}: unknown phase {phase!r} (choose {', '.join(PHASE_DIRS)})")
+    phase_dir = nanochat_base_dir() / PHASE_DIRS[phase]
     if not phase_dir.is_dir():
         raise CheckpointError(f"nanochat:{spec}: {phase_dir} does not exist (set NANOCHAT_BASE_DIR?)")
     if not tag:

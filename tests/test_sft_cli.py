@@ -82,6 +82,12 @@ def test_the_output_is_a_reference_checkpoint_with_meta_and_tokenizer(trained):
     assert meta["user_config"]["matrix_lr"] == 0.02  # inherited from the source's meta
 
 
+def test_a_second_run_inherits_the_first_runs_batch_geometry(trained):
+    out, _ = trained
+    meta = json.loads((out / "meta_000012.json").read_text())
+    assert (meta["max_seq_len"], meta["device_batch_size"], meta["total_batch_size"]) == (64, 8, 1024)
+
+
 def test_the_output_loads_in_the_chat_cli(trained):
     out, _ = trained
     r = run("--source", str(out), "-p", "hi", "-t", "0", "-m", "8")

@@ -248,7 +248,11 @@ def _save(directory: Path, step: int, loaded: LoadedModel, trainer, plan: Plan, 
     else:
         save_checkpoint(directory, step, loaded.model, loaded.tokenizer, run.get("val_bpb"), config)
         meta = directory / f"meta_{step:06d}.json"
-        meta.write_text(json.dumps({**json.loads(meta.read_text()), "val_loss": run.get("val_loss")}, indent=2) + "\n")
+        # The run's batch geometry at the top level, where chat_sft (and a next sft) inherits it from.
+        batch = {"max_seq_len": args.max_seq_len, "device_batch_size": args.device_batch_size,
+                 "total_batch_size": args.batch_tokens}  # fmt: skip
+        written = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**written, **batch, "val_loss": run.get("val_loss")}, indent=2) + "\n")
         np.savez(directory / f"optimizer_{step:06d}.npz", **trainer.state())
     state = {"step": step, "args": config, "data": packer.state(), "run": run}
     _state_path(directory, step).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
