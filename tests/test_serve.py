@@ -240,9 +240,10 @@ def test_queue_full_is_429():
     with serve("--max-concurrency", "1", "--queue", "1", backend="mlx") as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
         model = client.models.list().data[0].id
-        running = client.completions.create(model=model, prompt="a", stream=True, max_tokens=600)
+        long = {"stream": True, "max_tokens": 600, "extra_body": {"ignore_eos": True}}  # no early stop
+        running = client.completions.create(model=model, prompt="a", **long)
         next(iter(running))  # the only row is taken
-        waiting = client.completions.create(model=model, prompt="b", stream=True, max_tokens=600)
+        waiting = client.completions.create(model=model, prompt="b", **long)
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model=model, prompt="c", max_tokens=4)
         running.close()
@@ -312,3 +313,16 @@ def test_concurrent_streams_from_threads_all_finish(client, model_id):
     for t in threads:
         t.join()
     assert len(results) == 6 and all(results)
+
+
+def test_ignore_eos_decodes_max_tokens_past_the_terminal_token():
+    with serve(backend="mlx") as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        model = client.models.list().data[0].id
+        # The fixture's greedy completion of "a" is a terminal token at once.
+        plain = client.completions.create(model=model, prompt="a", max_tokens=200, temperature=0)
+        assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 200
+        full = client.completions.create(
+            model=model, prompt="a", max_tokens=200, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 200

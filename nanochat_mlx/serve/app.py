@@ -108,7 +108,8 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
     async def submit(tokens: list[int], gen: Generation) -> tuple[Job, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        job = Job(tokens, gen.params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), gen.n, gen.stops)
+        sink = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)  # noqa: E731
+        job = Job(tokens, gen.params, sink, gen.n, gen.stops, gen.ignore_eos)
         try:
             scheduler.submit(job)
         except QueueFull as e:
@@ -159,6 +160,14 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
     def model_card() -> dict:
         return {"id": config.model_id, "object": "model", "created": started, "owned_by": "nanochat-mlx"}
 
+    async def start(request: Request, tokens: list[int], gen: Generation, engine, kind: str):
+        """Queue a generation: its reply (filled as events arrive), the response's id fields, its events."""
+        check_context(tokens, gen, engine)
+        job, queue = await submit(tokens, gen)
+        reply = Reply(gen.n)
+        meta = {"id": f"{kind}-{secrets.token_hex(12)}", "created": int(time.time()), "model": config.model_id}
+        return reply, meta, events(job, queue, reply, request)
+
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         engine = engine_or_503()
@@ -167,13 +176,10 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         messages = chat_messages(body, limits)
         gen = generation(body, limits, scheduler.max_rows)
         tokens = chat_tokens(engine.tokenizer, messages, engine.context_limit)
-        check_context(tokens, gen, engine)
-        job, queue = await submit(tokens, gen)
-        reply = Reply(gen.n)
-        meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": config.model_id}
+        reply, meta, stream = await start(request, tokens, gen, engine, "chatcmpl")
         if gen.stream:
-            return sse(chat_chunks(events(job, queue, reply, request), reply, gen, meta))
-        async for _ in events(job, queue, reply, request):
+            return sse(chat_chunks(stream, reply, gen, meta))
+        async for _ in stream:
             pass
         choices = []
         for i in range(gen.n):
@@ -219,13 +225,10 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
             if not all(0 <= t < tok.vocab_size for t in prompt):
                 raise ApiError(400, f"token ids must be in 0..{tok.vocab_size - 1}", param="prompt")
             tokens = list(prompt)
-        check_context(tokens, gen, engine)
-        job, queue = await submit(tokens, gen)
-        reply = Reply(gen.n)
-        meta = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": config.model_id}
+        reply, meta, stream = await start(request, tokens, gen, engine, "cmpl")
         if gen.stream:
-            return sse(completion_chunks(events(job, queue, reply, request), reply, gen, meta))
-        async for _ in events(job, queue, reply, request):
+            return sse(completion_chunks(stream, reply, gen, meta))
+        async for _ in stream:
             pass
         choices = [
             {"index": i, "text": reply.texts[i], "logprobs": None, "finish_reason": reply.finish[i]}

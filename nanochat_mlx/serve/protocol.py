@@ -54,6 +54,7 @@ class Generation:
     stops: tuple[str, ...]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens whatever the model's terminal tokens
 
 
 _MISSING = object()
@@ -111,6 +112,7 @@ def generation(body: dict, limits: Limits, max_rows: int) -> Generation:
     stream = field(body, "stream", (bool,), "a boolean", False)
     options = field(body, "stream_options", (dict,), "an object", {})
     include_usage = field(options, "include_usage", (bool,), "a boolean", False)
+    ignore_eos = field(body, "ignore_eos", (bool,), "a boolean", False)
     try:
         params = SamplingParams(
             temperature=float(temperature),
@@ -124,7 +126,7 @@ def generation(body: dict, limits: Limits, max_rows: int) -> Generation:
         )
     except NanochatError as e:
         raise ApiError(400, str(e)) from None
-    return Generation(params, n, tuple(stops), stream, include_usage)
+    return Generation(params, n, tuple(stops), stream, include_usage, ignore_eos)
 
 
 def chat_messages(body: dict, limits: Limits) -> list[dict]:

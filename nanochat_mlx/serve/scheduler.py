@@ -72,6 +72,7 @@ class Job:
     sink: Callable[[Event | None], None]  # None: the job is over
     n: int = 1
     stops: tuple[str, ...] = ()
+    ignore_eos: bool = False  # no terminal tokens: decode params.max_tokens
     cancelled: bool = False
     # Set on the model thread.
     cache: Any = None
@@ -230,7 +231,8 @@ class Scheduler:
         rows = []
         params = job.params
         for i, cache in enumerate(caches):
-            state = RowState(engine.tokenizer, i, stop_strings=job.stops)
+            stop_tokens = () if job.ignore_eos else None
+            state = RowState(engine.tokenizer, i, stop_tokens=stop_tokens, stop_strings=job.stops)
             sampler = None
             if not params.greedy or params.repetition_penalty != 1.0:
                 # Each choice draws its own stream (seed + choice), so a batch never changes a reply.
