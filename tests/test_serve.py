@@ -326,3 +326,23 @@ def test_ignore_eos_decodes_max_tokens_past_the_terminal_token():
             model=model, prompt="a", max_tokens=200, temperature=0, extra_body={"ignore_eos": True}
         )
         assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 200
+
+
+def test_a_calculator_reply_also_comes_as_prose_without_the_markup():
+    with serve("--source", "demo", backend="mlx") as s:  # a later --source wins
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        model = client.models.list().data[0].id
+        messages = [{"role": "user", "content": "What is 123*45?"}]
+        reply = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=40)
+        message = reply.choices[0].message.model_dump()
+        assert message["nanochat_tool_calls"] == [{"expression": "123*45", "output": "5535"}]
+        assert "5535" in message["nanochat_text"] and "python" not in message["nanochat_text"]
+        streamed = client.chat.completions.create(
+            model=model, messages=messages, temperature=0, max_tokens=40, stream=True
+        )
+        prose = "".join(
+            (c.choices[0].delta.model_extra or {}).get("nanochat_text", c.choices[0].delta.content or "")
+            for c in streamed
+            if c.choices
+        )
+        assert prose == message["nanochat_text"]

@@ -42,6 +42,7 @@ class Reply:
 
     def __init__(self, n: int) -> None:
         self.texts = [""] * n
+        self.prose = [""] * n  # the texts without the calculator's markup
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.tools: list[list[dict]] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
@@ -134,6 +135,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
                     reply.prompt_tokens, reply.cached_tokens = event.prompt_tokens, event.cached_tokens
                 elif isinstance(event, Delta):
                     reply.texts[event.index] += event.text
+                    reply.prose[event.index] += event.text if event.prose is None else event.prose
                     reply.tokens[event.index] += event.tokens
                     if event.tool:
                         reply.tools[event.index].append(event.tool)
@@ -184,6 +186,8 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         choices = []
         for i in range(gen.n):
             message = {"role": "assistant", "content": reply.texts[i]}
+            if reply.prose[i] != reply.texts[i]:
+                message["nanochat_text"] = reply.prose[i]
             if reply.tools[i]:
                 message["nanochat_tool_calls"] = reply.tools[i]
             choice = {"index": i, "message": message, "logprobs": None, "finish_reason": reply.finish[i]}
@@ -201,6 +205,8 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         async for event in stream:
             if isinstance(event, Delta) and (event.text or event.tool):
                 delta = {"content": event.text}
+                if event.prose is not None:
+                    delta["nanochat_text"] = event.prose
                 if event.tool:
                     delta["nanochat_tool_call"] = event.tool
                 yield chunk(event.index, delta)

@@ -40,6 +40,7 @@ class Delta:
     text: str
     tokens: list[int]  # the tokens this text came from (forced tool outputs included)
     tool: dict | None = None  # a calculator call: {"expression": ..., "output": ...}
+    prose: str | None = None  # the text without the tool's markup, when it differs (for display)
 
 
 @dataclass
@@ -274,7 +275,9 @@ class Scheduler:
         pieces, call = row.state.advance(token)
         row.generated += 1
         tool = {"expression": call.expression, "output": call.result} if call is not None else None
-        row.job.sink(Delta(row.index, "".join(p.text for p in pieces), [token], tool))
+        text = "".join(p.text for p in pieces)
+        prose = "".join(p.text for p in pieces if p.kind == "text")
+        row.job.sink(Delta(row.index, text, [token], tool, prose if prose != text else None))
         if row.state.finished:
             self._finish(row, "stop")
         elif row.generated >= row.max_tokens:

@@ -110,7 +110,7 @@ function messageElement(m) {
 function fill(el, m) {
   const body = el.querySelector(".body");
   if (m.role === "user") body.textContent = m.content;
-  else body.innerHTML = Markdown.render(m.content) + (m.tools || []).map((t) =>
+  else body.innerHTML = Markdown.render(m.display ?? m.content) + (m.tools || []).map((t) =>
     `<p class="tool">calculator: <code>${Markdown.escape(t.expression)}</code> = <code>${Markdown.escape(String(t.output ?? "error"))}</code></p>`).join("");
   if (m.stopped) body.insertAdjacentHTML("beforeend", '<p class="muted">(stopped)</p>');
 }
@@ -190,6 +190,8 @@ async function send(text) {
           first = first || performance.now();
           chunks += 1;
           reply.content += delta.content;
+          // The prose alone (the calculator call is drawn from nanochat_tool_call instead).
+          reply.display = (reply.display ?? "") + (delta.nanochat_text ?? delta.content);
           const seconds = (performance.now() - first) / 1000;
           if (seconds > 0.2) $("speed").textContent = `${(chunks / seconds).toFixed(1)} tok/s`;
         }
