@@ -259,6 +259,10 @@ class Engine:
     def cache_length(self, cache: Any) -> int:
         return self.runner.cache_length(cache)
 
+    def peak_memory(self) -> int:
+        """Peak bytes the backend has held since the last generation began (process RSS on torch's CPU)."""
+        return self.runner.peak_memory()
+
     def trim_cache(self, cache: Any, n: int) -> bool:
         """Drop the last ``n`` positions of ``cache`` if its kind allows it (False: rebuild it)."""
         return self.runner.trim(cache, n)

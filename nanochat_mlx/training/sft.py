@@ -421,7 +421,7 @@ def _train(plan: Plan, loaded, trainer, packer, val, world: World, progress: Pro
         tokens = step * args.batch_tokens
         write({"step": step, "loss": loss, "lr_multiplier": lrm, "tokens": tokens, "tok_per_s": tok_per_s})
         shown = step / args.steps if args.steps > 0 else min(packer.epochs_done / args.epochs, 1.0)
-        progress.update(step, smooth, tok_per_s, shown, loaded.engine.runner.peak_memory(), done())
+        progress.update(step, smooth, tok_per_s, shown, loaded.engine.peak_memory(), done())
         if done() or (args.eval_every > 0 and step % args.eval_every == 0):
             validate()
         if world.main and (done() or (args.save_every > 0 and step % args.save_every == 0)):
