@@ -19,7 +19,7 @@ from test_training_grads import BACKENDS, expected
 
 import nanochat_mlx as nc
 from nanochat_mlx import training
-from nanochat_mlx.errors import NanochatError
+from nanochat_mlx.errors import CheckpointError, NanochatError
 from nanochat_mlx.ptfile import read_pt
 from nanochat_mlx.tokenizer import Tokenizer
 from nanochat_mlx.training.checkpoints import write_pt, write_tokenizer
@@ -110,12 +110,23 @@ ARRAYS = {
 }
 
 
+WEIGHTS = {name: a for name, a in ARRAYS.items() if not np.issubdtype(a.dtype, np.integer)}
+
+
 def test_write_pt_round_trips_through_our_reader(tmp_path):
-    write_pt(tmp_path / "t.pt", ARRAYS)
+    write_pt(tmp_path / "t.pt", WEIGHTS)
     back = read_pt(tmp_path / "t.pt")
-    for name, array in ARRAYS.items():
+    for name, array in WEIGHTS.items():
         assert back[name].dtype == array.dtype and back[name].shape == array.shape, name
         assert back[name].tobytes() == array.tobytes(), name
+
+
+def test_our_reader_refuses_the_integer_tensors_torch_can_read(tmp_path):
+    """Integer tensors are written as torch.save does (torch.load reads them, below), but they are never
+    weights, so the checkpoint reader refuses them, naming the tensor."""
+    write_pt(tmp_path / "t.pt", {"i64": ARRAYS["i64"]})
+    with pytest.raises(CheckpointError, match="i64"):
+        read_pt(tmp_path / "t.pt")
 
 
 @needs_torch
