@@ -15,7 +15,7 @@ pytest.importorskip("textual")
 from conftest import FIXTURES  # noqa: E402
 from hubserver import FakeHub  # noqa: E402
 from test_sources import build_hf_cache  # noqa: E402
-from textual.widgets import DataTable, Input, ProgressBar  # noqa: E402
+from textual.widgets import Input, OptionList, ProgressBar  # noqa: E402
 
 import nanochat_mlx as nc  # noqa: E402
 from nanochat_mlx.options import LoadOptions  # noqa: E402
@@ -88,9 +88,9 @@ async def pick(pilot, source: str) -> None:
     await pilot.pause()
 
 
-def rows(screen: ModelsScreen) -> dict[str, list[str]]:
-    table = screen.query_one(DataTable)
-    return {key.value: [str(cell) for cell in table.get_row(key)] for key in table.rows}
+def rows(screen: ModelsScreen) -> dict[str, str]:
+    menu = screen.query_one(OptionList)
+    return {option.id: str(option.prompt) for option in menu.options}
 
 
 async def test_the_picker_lists_the_demo_cache_base_dir_and_downloads_with_sizes_the_current_one_marked():
@@ -100,12 +100,14 @@ async def test_the_picker_lists_the_demo_cache_base_dir_and_downloads_with_sizes
         await pilot.press("ctrl+l")
         await wait_for(pilot, lambda: isinstance(app.screen, ModelsScreen))
         listed = rows(app.screen)
-    assert listed["demo"][2].endswith(("MB", "kB"))
+        assert app.screen.query_one(OptionList).highlighted_option.id == SOURCE
+    assert listed["demo"].startswith("  demo  ") and "MB" in listed["demo"]
     assert {"hf:owner/name/d12", "hf:owner/name/d20", "hf:owner/name/archive/old"} <= set(listed)
-    assert listed["nanochat:sft/d4"][2] and "n_layer" in listed["nanochat:sft/d4"][3]
-    assert listed["hf:karpathy/nanochat-d32"][2] == "~7.3 GB"
+    assert "native layout, step 500" in listed["hf:owner/name/d12"]
+    assert "n_layer" in listed["nanochat:sft/d4"] and "kB" in listed["nanochat:sft/d4"]
+    assert listed["hf:karpathy/nanochat-d32"].startswith("  hf:karpathy/nanochat-d32  ~7.3 GB")
     assert "hf:nanochat-students/nanochat-d20" in listed
-    assert listed[SOURCE][0] == "●" and listed["demo"][0] == " "
+    assert listed[SOURCE].startswith(f"● {SOURCE}")
     groups = [k for k in listed if k.startswith("group:")]
     assert groups == ["group:built-in", "group:hub-cache", "group:base-dir", "group:folder", "group:download"]
 
@@ -120,8 +122,8 @@ async def test_enter_on_a_row_switches_to_it_and_esc_closes_without_switching():
         assert app.screen is chat and app.model.source == SOURCE
         await pilot.press("f5")
         await wait_for(pilot, lambda: isinstance(app.screen, ModelsScreen))
-        table = app.screen.query_one(DataTable)
-        table.move_cursor(row=table.get_row_index("nanochat:sft/d4"))
+        menu = app.screen.query_one(OptionList)
+        menu.highlighted = menu.get_option_index("nanochat:sft/d4")
         await pilot.press("enter")
         await wait_for(pilot, lambda: app.screen is chat and chat.model.source != SOURCE)
         assert chat.model.source == "nanochat:sft/d4"

@@ -7,13 +7,14 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import DataTable, Input, Label
+from textual.widgets import Input, Label, OptionList
+from textual.widgets.option_list import Option, OptionDoesNotExist
 
 from nanochat_mlx.models import GROUPS, ModelChoice, discover, human_size
 
-HINT = "Enter load · Tab: type any source (a folder, hf:owner/name) · Esc close"
+HINT = "Enter load · Tab: type a source · Esc close"
 PLACEHOLDER = "or type a source: a folder path, hf:owner/name, nanochat:sft/d20"
-GROUP_ROW = "group:"  # row keys of the group headings, which can't be picked
+GROUP_ROW = "group:"  # option ids of the group headings (disabled: they can't be picked)
 
 
 class ModelsScreen(ModalScreen[str | None]):
@@ -30,37 +31,41 @@ class ModelsScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="models-card", classes="dialog"):
             yield Label("Models", classes="dialog-title")
-            yield DataTable(id="models-table", cursor_type="row", show_header=False)
+            yield OptionList(id="models-list")
             yield Input(placeholder=PLACEHOLDER, id="models-source")
             yield Label(HINT, id="models-hint", classes="dialog-hint")
 
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        table.add_columns("", "Source", "Size", "Detail")
+        menu = self.query_one(OptionList)
         choices = discover(self.folders, last=self.current)
         self.choices = {c.source: c for c in choices}
         for group, title in GROUPS.items():
             members = [c for c in choices if c.group == group]
             if members:
-                table.add_row("", Text(title, style="bold"), "", "", key=GROUP_ROW + group)
-            for c in members:
-                table.add_row(*self._cells(c), key=c.source)
-        current = next((i for i, c in enumerate(table.rows) if c.value == self.current), None)
-        table.move_cursor(row=current if current is not None else 1)
-        table.focus()
+                menu.add_option(Option(Text(title, style="bold"), id=GROUP_ROW + group, disabled=True))
+            menu.add_options(Option(self._prompt(c), id=c.source) for c in members)
+        try:
+            menu.highlighted = menu.get_option_index(self.current or "")
+        except OptionDoesNotExist:
+            menu.action_first()
+        menu.focus()
 
-    def _cells(self, c: ModelChoice) -> tuple[Text, Text, str, Text]:
+    def _prompt(self, c: ModelChoice) -> Text:
+        """Two lines: the source (● the open one) and its size; then its detail, or why it can't be loaded."""
         here = c.source == self.current
-        mark = Text("●" if here else " ", style="bold green")
-        source = Text(c.source, style="bold" if here else "")
-        size = human_size(c.size_bytes, estimated=not c.downloaded)
-        detail = Text(c.problem, style="red") if c.problem else Text(c.detail, style="dim")
-        return mark, source, size, detail
+        text = Text("● " if here else "  ", style="bold green")
+        text.append(c.source, style="bold" if here else "")
+        if c.size_bytes is not None:
+            text.append(f"  {human_size(c.size_bytes, estimated=not c.downloaded)}", style="cyan")
+        text.append("\n    ")
+        if c.problem:
+            text.append(c.problem, style="red")
+        else:
+            text.append(c.detail, style="dim")
+        return text
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        choice = self.choices.get(event.row_key.value or "")
-        if choice is None:  # a group heading
-            return
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        choice = self.choices[event.option.id or ""]
         if choice.problem:
             self.notify(choice.problem, severity="error", timeout=6)
             return
