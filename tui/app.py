@@ -12,6 +12,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from nanochat_mlx.backends import pick_backend
+from nanochat_mlx.demo import SOURCE as DEMO_SOURCE
 from nanochat_mlx.errors import NanochatError
 from nanochat_mlx.loading import LoadedModel, Progress, from_checkpoint, load_model
 from nanochat_mlx.options import LoadOptions
@@ -110,7 +111,7 @@ class NanochatApp(App[int]):
     def open_models(self) -> None:
         """The model picker; the model picked is loaded beside the open one, which the chat keeps until it works."""
         source = self.options.source
-        local = not source.startswith(("hf:", "nanochat:", "demo")) and os.path.exists(source)
+        local = source != DEMO_SOURCE and not source.startswith(("hf:", "nanochat:")) and os.path.exists(source)
         self.push_screen(ModelsScreen(source, (source,) if local else ()), self._picked)
 
     def _picked(self, source: str | None) -> None:
