@@ -12,14 +12,16 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from nanochat_mlx.backends import pick_backend
+from nanochat_mlx.demo import SOURCE as DEMO_SOURCE
 from nanochat_mlx.errors import NanochatError
-from nanochat_mlx.loading import LoadedModel, Progress, load_model
+from nanochat_mlx.loading import LoadedModel, Progress, from_checkpoint, load_model
 from nanochat_mlx.options import LoadOptions
 from nanochat_mlx.sampling import SamplingParams
+from nanochat_mlx.userconfig import remember_source
 
 from .clipboard import copy_to_system
-from .loader import ModelThread, describe_error, format_traceback
-from .screens import ChatScreen, ErrorScreen, HelpScreen, LoadingScreen
+from .loader import ModelThread, describe_error, format_traceback, on_daemon_thread, read_for_switch
+from .screens import ChatScreen, ErrorScreen, HelpScreen, LoadingScreen, ModelsScreen
 from .storage import ConversationStore
 from .widgets.prompt import NEWLINE_KEYS
 
@@ -105,6 +107,64 @@ class NanochatApp(App[int]):
         chat = ChatScreen(model, self.params, self.system, self.store, show_timing=self.show_timing)
         await self.switch_screen(chat)
 
+    # --- switching models ------------------------------------------------------------------------
+    def open_models(self) -> None:
+        """The model picker; the model picked is loaded beside the open one, which the chat keeps until it works."""
+        source = self.options.source
+        local = source != DEMO_SOURCE and not source.startswith(("hf:", "nanochat:")) and os.path.exists(source)
+        self.push_screen(ModelsScreen(source, (source,) if local else ()), self._picked)
+
+    def _picked(self, source: str | None) -> None:
+        if source is not None:
+            self.switch_model(source)
+
+    def switch_model(self, source: str) -> None:
+        """Load ``source`` and chat on with it; failing or cancelled, the open chat keeps its model."""
+        chat = next((s for s in self.screen_stack if isinstance(s, ChatScreen)), None)
+        if chat is None:  # no model yet (the error screen): a plain load
+            self.load(source)
+            return
+        if chat.generating:
+            self.notify("A reply is still streaming: press Esc to stop it first", severity="warning", timeout=3)
+            return
+        options = self.options.with_source(source)
+        screen = LoadingScreen(source, options.backend, cancellable=True)
+        self.push_screen(screen)
+        self._switch_worker(options, screen, chat)
+
+    @work(exclusive=True, group="load")
+    async def _switch_worker(self, options: LoadOptions, screen: LoadingScreen, chat: ChatScreen) -> None:
+        def stage(progress: Progress) -> None:
+            try:
+                screen.post_message(LoadingScreen.Stage(progress))
+            except RuntimeError:  # the app has quit and its event loop is closed
+                pass
+
+        try:
+            # The download runs on a thread of its own: cancelling stops waiting for it at once, and a
+            # stalled one never blocks the model thread the open chat generates on.
+            ckpt = await on_daemon_thread(read_for_switch, options, stage, screen.cancelled)
+            if screen.cancelled.is_set():
+                return
+            model = await self.model_thread.run(from_checkpoint, ckpt, options, stage)
+        except Exception as exc:  # the chat goes on with the model it has; the failure is one line
+            if not screen.cancelled.is_set():
+                await self._close(screen)
+                self.notify(describe_error(exc), title=f"Couldn't load {options.source}", severity="error", timeout=10)
+            return
+        if screen.cancelled.is_set():
+            return
+        await chat.use_model(model)
+        self.model, self.options = model, options
+        remember_source(options.source)
+        await self._close(screen)
+        self.notify(f"Now chatting with {model.name} ({model.generation})", timeout=4)
+
+    async def _close(self, screen: Screen) -> None:
+        """Take ``screen`` off the stack, with any dialog opened over it (help, say)."""
+        while screen in self.screen_stack:
+            await self.pop_screen()
+
     # --- actions -------------------------------------------------------------------------------
     async def action_quit(self) -> None:
         """Ctrl+Q: stop any reply, save, and leave at once (status 0; 1 when no model could be loaded)."""
@@ -137,6 +197,7 @@ class NanochatApp(App[int]):
         rows += [
             ("F2 → Ctrl+S / Esc", "In settings: save / cancel"),
             ("Ctrl+O → Enter / Delete", "In the chat list: open / delete (Delete twice: it asks first)"),
+            ("Ctrl+L → Enter / Esc", "In the model picker: load / close; Esc while it loads: cancel"),
         ]
         return rows
 
@@ -150,6 +211,7 @@ class NanochatApp(App[int]):
             yield SystemCommand("Undo", "Remove the last message and its reply", chat.undo)
             yield SystemCommand("Settings", "Sampling parameters and the system prompt", chat.action_settings)
             yield SystemCommand("Conversations", "Reopen a saved chat", chat.action_conversations)
+            yield SystemCommand("Switch model", "Pick another model; the chat stays open", self.open_models)
             yield SystemCommand("Export as Markdown", "Write the chat to a Markdown file", export)
             yield SystemCommand("Copy last reply", "Copy the last reply to the clipboard", chat.action_copy_reply)
             yield SystemCommand("Copy last code block", "Copy it to the clipboard", chat.action_copy_code)

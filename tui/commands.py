@@ -21,6 +21,7 @@ COMMANDS = (
     SlashCommand("topk", "K", "set top-k (0 or 'off': no limit)"),
     SlashCommand("save", "[name]", "save the chat, optionally under a name"),
     SlashCommand("load", "[name]", "reopen a saved chat (no name: pick from the list)"),
+    SlashCommand("model", "[source]", "switch model, keeping the chat (no source: pick from the list)"),
     SlashCommand("export", "", "write the chat as Markdown"),
     SlashCommand("copy", "[code]", "copy the last reply (or its last code block)"),
     SlashCommand("settings", "", "open the settings"),

@@ -9,7 +9,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from nanochat_mlx.backends import pick_backend
+from nanochat_mlx.checkpoint import Checkpoint, read_checkpoint
 from nanochat_mlx.errors import NanochatError
+from nanochat_mlx.loading import STAGES, Progress, ProgressCallback
+from nanochat_mlx.options import LoadOptions
 
 T = TypeVar("T")
 
@@ -99,3 +103,43 @@ def describe_error(exc: BaseException) -> str:
 
 def format_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class LoadCancelled(Exception):
+    """The user cancelled a model switch (raised in a download's progress hook, to stop it)."""
+
+
+def read_for_switch(options: LoadOptions, report: ProgressCallback, cancelled: threading.Event) -> Checkpoint:
+    """The checkpoint step of ``load_model`` (download included), stopping at the next chunk once ``cancelled``.
+
+    It reads numpy arrays only, so it may run off the model thread (on one the app can abandon).
+    """
+    pick_backend(options.backend)  # refuse an unusable backend before downloading anything
+    report(Progress("checkpoint", STAGES["checkpoint"]))
+
+    def downloading(name: str, done: int, total: int) -> None:
+        if cancelled.is_set():
+            raise LoadCancelled
+        report(Progress("checkpoint", f"Downloading {name}", done, total))
+
+    return read_checkpoint(options.source, step=options.step, arch=options.arch, progress=downloading)
+
+
+async def on_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a new daemon thread; cancelling the caller abandons it (a stalled download can't hold us)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def target() -> None:
+        result = error = None
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which reports it
+            error = exc
+        try:
+            loop.call_soon_threadsafe(_settle, future, result, error)
+        except RuntimeError:  # the app's event loop has closed
+            pass
+
+    threading.Thread(target=target, name="nanochat-download", daemon=True).start()
+    return await future

@@ -5,6 +5,15 @@ from .conversations import ConversationsScreen
 from .error import ErrorScreen
 from .help import HelpScreen
 from .loading import LoadingScreen
+from .models import ModelsScreen
 from .settings import SettingsScreen
 
-__all__ = ["ChatScreen", "ConversationsScreen", "ErrorScreen", "HelpScreen", "LoadingScreen", "SettingsScreen"]
+__all__ = [
+    "ChatScreen",
+    "ConversationsScreen",
+    "ErrorScreen",
+    "HelpScreen",
+    "LoadingScreen",
+    "ModelsScreen",
+    "SettingsScreen",
+]

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 FLUSH_INTERVAL_S = 1 / 30  # at most this often the model thread sends text to the UI
 # Commands that change the conversation and so must wait for the reply in progress.
-_EDITS = {"clear", "regen", "undo", "system", "load"}
+_EDITS = {"clear", "regen", "undo", "system", "load", "model"}
 CONTEXT_START = "▲ the model no longer sees the turns above (they stay in the saved chat)"
 
 
@@ -51,6 +51,7 @@ class ChatScreen(Screen):
         Binding("ctrl+n", "new_chat", "New", tooltip="Start a new chat (the current one stays saved)"),
         Binding("ctrl+r", "regenerate", "Regen", tooltip="Regenerate the last reply"),
         Binding("ctrl+o", "conversations", "Chats", tooltip="Reopen or delete a saved chat"),
+        Binding("ctrl+l,f5", "models", "Models", show=False, tooltip="Switch to another model (the chat stays open)"),
         Binding("f2", "settings", "Settings", tooltip="Sampling settings and system prompt"),
         Binding("f3,alt+c", "copy_reply", "Copy", tooltip="Copy the last reply"),
         Binding("f4,alt+b", "copy_code", "Copy code", show=False, tooltip="Copy the last code block"),
@@ -388,6 +389,22 @@ class ChatScreen(Screen):
         self._update_context()
         self._update_title()
 
+    async def use_model(self, model: LoadedModel) -> None:
+        """Chat on with ``model``: the transcript stays, its turns re-tokenized for the new tokenizer."""
+        old, turns = self.model, list(self.session.turns)
+        session = ChatSession(model.engine, system_prompt=self.session.system_prompt, params=self.session.params)
+        if model.source != old.source:
+            for turn in turns:
+                session.retokenize(turn)
+        session.load_turns(turns)
+        self.model, self.session = model, session
+        self.conversation.source, self.conversation.generation = model.source, model.generation
+        m = model
+        self.query_one(StatusBar).set_model(m.name, m.generation, f"{m.backend} · {m.device}", m.precision)
+        await self.render_transcript()
+        if turns:
+            self.save()
+
     # --- persistence ---------------------------------------------------------------------------
     def _new_conversation(self) -> Conversation:
         return Conversation(source=self.model.source, generation=self.model.generation)
@@ -507,6 +524,12 @@ class ChatScreen(Screen):
             raise NanochatError(f"couldn't write {path}: {e.strerror or e}") from None
         self.notify(f"Exported to {path}", title="Export", timeout=15)
 
+    async def _cmd_model(self, arg: str) -> None:
+        if arg:
+            self.app.switch_model(arg)
+        else:
+            self.action_models()
+
     async def _cmd_copy(self, arg: str) -> None:
         if arg.lower() == "code":
             self.action_copy_code()
@@ -534,6 +557,9 @@ class ChatScreen(Screen):
                 self.app.copy_out(blocks[-1], "Code block")
                 return
         self.notify("No code block in the replies yet", severity="warning", timeout=2)
+
+    def action_models(self) -> None:
+        self.app.open_models()
 
     def action_settings(self) -> None:
         def apply(settings: Settings | None) -> None:

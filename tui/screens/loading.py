@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from dataclasses import dataclass
 
 from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Center, Vertical
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Label, ProgressBar, Static
 
 from nanochat_mlx.loading import STAGES, Progress
+from nanochat_mlx.models import human_size
 
 _PERCENT = re.compile(r"(\d{1,3})%")
 
@@ -22,14 +25,19 @@ _PERCENT = re.compile(r"(\d{1,3})%")
 class LoadingScreen(Screen):
     """Shows which stage of the load is running; captured stderr (huggingface_hub's tqdm bars) as progress."""
 
+    BINDINGS = [Binding("escape", "cancel", "Cancel", tooltip="Stop loading and keep the model already open")]
+
     @dataclass
     class Stage(Message):
         progress: Progress
 
-    def __init__(self, source: str, backend: str) -> None:
+    def __init__(self, source: str, backend: str, *, cancellable: bool = False) -> None:
+        """``cancellable``: switching models, with one to go back to (the first load has none)."""
         super().__init__()
         self.source = source
         self.backend = backend
+        self.cancellable = cancellable
+        self.cancelled = threading.Event()
         self.current: str | None = None
         self.started = time.monotonic()
 
@@ -42,6 +50,14 @@ class LoadingScreen(Screen):
             yield Label("", id="loading-detail")
             yield Label("", id="loading-elapsed")
         yield Footer()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return self.cancellable if action == "cancel" else True
+
+    def action_cancel(self) -> None:
+        """Esc: stop waiting for the load (a download stops at its next chunk) and go back to the chat."""
+        self.cancelled.set()
+        self.dismiss()
 
     def on_mount(self) -> None:
         self._render_stages()
@@ -64,6 +80,8 @@ class LoadingScreen(Screen):
             bar.update(total=None, progress=0)
         if progress.total:
             bar.update(total=progress.total, progress=progress.done)
+            sizes = f"{human_size(progress.done)} of {human_size(progress.total)}"
+            self.query_one("#loading-detail", Label).update(Text(f"{progress.message} · {sizes}"))
 
     def on_print(self, event: events.Print) -> None:
         """A line a download progress bar wrote to stderr: show it, and its percentage on the bar."""
