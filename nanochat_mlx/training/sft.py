@@ -401,12 +401,19 @@ def _train(plan: Plan, loaded, trainer, packer, val, world: World, progress: Pro
             x, y = batch_arrays(rows[m * rows_micro : (m + 1) * rows_micro])
             loss, grads = trainer.loss_and_grads(x, y)
             total_loss += loss
+            # Summed in place in float32 (the processes' sum is a float32 message anyway): a d20 g9
+            # model's gradients are 3.6 GB, and every extra copy of them is memory the run lacks.
             for name, g in grads.items():
-                total[name] = total[name] + g if name in total else g.astype(np.float64)
+                if name in total:
+                    total[name] += g
+                else:
+                    total[name] = g.astype(np.float32, copy=False)
         total["__loss__"] = np.array([total_loss])
         total = sum_arrays(world, total)
         loss = float(total.pop("__loss__")[0]) / plan.micro_batches
-        grads = {name: (g / plan.micro_batches).astype(np.float32) for name, g in total.items()}
+        grads = total
+        for g in grads.values():
+            g /= plan.micro_batches
         fraction = step / args.steps if args.steps > 0 else min(packer.epochs_done / args.epochs, 1.0)
         lrm = schedule(fraction)
         if plan.lora:
