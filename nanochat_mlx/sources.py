@@ -119,7 +119,7 @@ def select_checkpoint(
 
     def depth(folder: str) -> int | None:
         """Levels below ``subdir``, or None for folders outside it, hidden or too deep."""
-        if (folder + "/").startswith(prefix) or folder == prefix.rstrip("/"):
+        if (folder + "/").startswith(prefix):
             rel = (folder + "/")[len(prefix) :].strip("/")
             parts = rel.split("/") if rel else []
             if len(parts) <= MAX_DEPTH and not any(p.startswith(".") for p in parts):
@@ -136,7 +136,8 @@ def select_checkpoint(
         return posixpath.join(folder, name) if folder else name
 
     tokenizer = _nearest_tokenizer(files, folder)
-    shown_folder = (folder + "/")[len(prefix) :] or "the folder"  # as the user sees it from the source
+    shown_folder = (folder + "/")[len(prefix) :] if folder else ""  # as the user sees it from the source
+    shown_folder = shown_folder or "the folder"
     if tokenizer is None:
         raise CheckpointError(
             f"{origin}: no tokenizer for the checkpoint in {shown_folder} (looked for tokenizer.pkl, "
@@ -152,9 +153,7 @@ def select_checkpoint(
     numbered = sorted(k for k in models if k is not None)
     if step is not None and step not in models:
         have = ", ".join(str(s) for s in numbered) or "none"
-        raise CheckpointError(
-            f"{origin}: no checkpoint for step {step} in {shown_folder or 'the folder'} (steps: {have})"
-        )
+        raise CheckpointError(f"{origin}: no checkpoint for step {step} in {shown_folder} (steps present: {have})")
     chosen = step if step is not None else (numbered[-1] if numbered else None)
     meta = _meta_name(names, chosen)
     if meta is None:
