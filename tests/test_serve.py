@@ -26,7 +26,7 @@ GREEDY = {"temperature": 0, "max_tokens": 24}
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request):
-    with serve("--max-concurrency", "8", backend=request.param) as s:
+    with serve("--max-concurrency", "8", "--strict-model", backend=request.param) as s:
         yield s
 
 
@@ -346,3 +346,11 @@ def test_a_calculator_reply_also_comes_as_prose_without_the_markup():
             if c.choices
         )
         assert prose == message["nanochat_text"]
+
+
+def test_without_strict_model_any_model_name_gets_the_loaded_model():
+    with serve(backend="mlx") as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        messages = [{"role": "user", "content": "hi"}]
+        reply = client.chat.completions.create(model="gpt-4o", messages=messages, temperature=0, max_tokens=4)
+        assert reply.choices[0].message.content is not None and reply.model == client.models.list().data[0].id

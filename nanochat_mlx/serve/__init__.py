@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--allowed-origins", nargs="*", default=[], metavar="ORIGIN", help="origins allowed by CORS ('*' for any)"
     )
+    g.add_argument(
+        "--strict-model",
+        action="store_true",
+        help="answer 404 when a request names another model (default: the loaded model answers any name, "
+        "as llama.cpp's server does, so clients with a fixed model name work)",
+    )
     g.add_argument("--max-concurrency", type=int, default=8, help="rows decoded together in one batch (default 8)")
     g.add_argument("--queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
     g.add_argument("--prompt-cache-mb", type=int, default=1024, help="KV prefixes kept across requests (default 1024)")
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         max_total_chars=args.max_total_chars,
         max_tokens=args.max_completion_tokens,
     )
-    config = ServerConfig(options.source, args.api_key, tuple(args.allowed_origins), limits)
+    config = ServerConfig(options.source, args.api_key, tuple(args.allowed_origins), limits, args.strict_model)
     app = build_app(scheduler, config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     scheduler.start()

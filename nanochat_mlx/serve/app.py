@@ -35,6 +35,7 @@ class ServerConfig:
     api_key: str | None = None
     allowed_origins: tuple[str, ...] = ()
     limits: Limits = Limits()
+    strict_model: bool = False  # 404 for a request naming another model (else any name is served)
 
 
 class Reply:
@@ -96,7 +97,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
 
     def check_model(body: dict) -> None:
         model = body.get("model")
-        if model is not None and model != config.model_id:
+        if config.strict_model and model is not None and model != config.model_id:
             raise ApiError(404, f"the model {model!r} does not exist; this server runs {config.model_id!r}",
                            param="model", code="model_not_found")  # fmt: skip
 
