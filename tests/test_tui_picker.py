@@ -15,6 +15,8 @@ pytest.importorskip("textual")
 from conftest import FIXTURES  # noqa: E402
 from hubserver import FakeHub  # noqa: E402
 from test_sources import build_hf_cache  # noqa: E402
+from test_tui import ready as chat_ready  # noqa: E402
+from test_tui import wait_for  # noqa: E402
 from textual.widgets import Input, OptionList, ProgressBar  # noqa: E402
 
 import nanochat_mlx as nc  # noqa: E402
@@ -54,20 +56,6 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def make_app(source: str = SOURCE) -> NanochatApp:
     return NanochatApp(LoadOptions(source, backend="mlx"), PARAMS, show_timing=False)
-
-
-async def wait_for(pilot, condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out waiting for {condition}")
-        await pilot.pause(0.02)
-
-
-async def chat_ready(pilot) -> ChatScreen:
-    await wait_for(pilot, lambda: isinstance(pilot.app.screen, ChatScreen))
-    await pilot.pause()
-    return pilot.app.screen
 
 
 async def send(pilot, chat: ChatScreen, text: str) -> None:
