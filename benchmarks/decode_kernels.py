@@ -3,7 +3,8 @@
     python benchmarks/decode_kernels.py --geometry d20 --threads 2
 
 Prints GB/s per kernel and shape (weight bytes read / median time of interleaved rounds) and the
-read bandwidth (a torch sum over 1 GiB, at the same thread count) that bounds them.
+read bandwidth (the best of a torch sum and a matrix-vector product over 1 GiB, at the same
+thread count) that bounds them.
 """
 
 from __future__ import annotations
@@ -33,13 +34,17 @@ def shapes(geometry: str) -> dict[str, tuple[int, int]]:
 
 
 def read_bandwidth(nbytes: int = 1 << 30, rounds: int = 7) -> float:
-    """Bytes per second a reduction over a buffer far larger than the caches reads (best round)."""
+    """Bytes per second read from a float32 buffer far larger than the caches, at torch's thread
+    count: the best round of a reduction and of a matrix-vector product over it (the kernels
+    stream memory differently; the roofline is the faster)."""
     buf = torch.ones(nbytes // 4)
+    matrix, x = buf.view(-1, 4096), torch.ones(4096)
     times = []
     for _ in range(rounds):
-        t = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t)
+        for read in (buf.sum, lambda: torch.mv(matrix, x)):
+            t = time.perf_counter()
+            read()
+            times.append(time.perf_counter() - t)
     return nbytes / min(times)
 
 

@@ -5,10 +5,11 @@
 The reference is nanochat's own ``nanochat.gpt.GPT`` + ``nanochat.engine.Engine`` of the
 generation's first commit, extracted from the mirror (g9: 92d63d4, g1: 3a5e0bc), fed the same
 random weights (``nanochat_mlx.synthetic``), greedy at batch 1. Every contender's decode rate is
-taken by one outside clock over the tokens it yields, counting the decode steps run between the
-first and the last: the reference's generator runs step k+1 when resumed after token k (n - 1
-steps in between); our Engine yields token k after running step k+1 and the last event needs
-none (n - 2 steps; see engine_clock.py). Our Engine's own reported ``decode_tps`` is printed beside
+taken by one outside clock from its first token to the end of its generator, counting the decode
+steps run in between: the reference runs one forward after each token it yields, the last one
+included (k tokens: k steps); our Engine on the CPU runs a step before each token but the first
+(k - 1), pipelined (CUDA/MPS) it has run the next step before yielding a token and the last needs
+none (k - 2; see engine_clock.py). Our Engine's own reported ``decode_tps`` is printed beside
 it (their ratio should be 1). One dtype per process: the reference reads its
 compute dtype (``NANOCHAT_DTYPE``) at import. The reference's bfloat16 model is cast to bfloat16
 once (its CPU Linear would otherwise cast the float32 weights on every call).
@@ -42,12 +43,54 @@ def reference_tree(arch: str) -> Path:
     return tree
 
 
-def steps_per_second(items, steps_between: int) -> float:
-    """``steps_between`` decode steps over the wall time from the first item to the end."""
-    first = None
-    for _ in items:
-        first = first or time.perf_counter()
-    return steps_between / (time.perf_counter() - first)
+def cpu_model() -> str:
+    """The CPU's model name (Linux), for the result file."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    return names[0] if names else "unknown"
+
+
+def reference_engine(ckpt, arch: str, dtype: str):
+    """The reference's own ``Engine`` over its own ``GPT`` holding ``ckpt``'s weights in ``dtype``.
+
+    Call once per process: the reference reads its compute dtype (``NANOCHAT_DTYPE``) at import.
+    """
+    os.environ["NANOCHAT_DTYPE"] = dtype
+    sys.path.insert(0, str(reference_tree(arch)))
+    from nanochat.engine import Engine as RefEngine
+    from nanochat.gpt import GPT, GPTConfig
+
+    c = ckpt.config
+    fields = dict(
+        sequence_len=c.sequence_len,
+        vocab_size=c.vocab_size,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_kv_head=c.n_kv_head,
+        n_embd=c.n_embd,
+    )
+    if arch != "g1":
+        fields["window_pattern"] = c.window_pattern
+    with torch.device("meta"):
+        ref = GPT(GPTConfig(**fields))
+    ref.to_empty(device="cpu")
+    ref.init_weights()  # the rotary tables; the weights come next, sharing the numpy arrays' memory
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in ckpt.weights.items()}, strict=True, assign=True)
+    ref.eval()
+    if dtype == "bfloat16":
+        ref.to(torch.bfloat16)
+    return RefEngine(ref, ckpt.tokenizer)
+
+
+def steps_per_second(tokens, trailing: int) -> float:
+    """Decode steps per second from the first of ``tokens`` to their end, ``k - 1 + trailing`` steps for k tokens."""
+    first, k = None, 0
+    for _ in tokens:
+        first, k = first or time.perf_counter(), k + 1
+    return (k - 1 + trailing) / (time.perf_counter() - first)
 
 
 def bytes_per_token(model, context: int) -> int:
@@ -71,43 +114,21 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prefill-tokens", type=int, default=512, help="prompt of the prefill timing (0: none)")
     p.add_argument("--json", type=Path, help="append the result as one JSON line here")
     args = p.parse_args()
 
-    os.environ["NANOCHAT_DTYPE"] = args.dtype
-    sys.path.insert(0, str(reference_tree(args.arch)))
     torch.set_num_threads(args.threads)
-    from nanochat.engine import Engine as RefEngine
-    from nanochat.gpt import GPT, GPTConfig
-
     from nanochat_mlx.backends.torch.model import build_torch_model
     from nanochat_mlx.engine import Engine
     from nanochat_mlx.sampling import SamplingParams
     from nanochat_mlx.synthetic import random_checkpoint
 
     ckpt = random_checkpoint(args.geometry, arch=args.arch, seed=0)
-    c = ckpt.config
-    fields = dict(
-        sequence_len=c.sequence_len,
-        vocab_size=c.vocab_size,
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        n_kv_head=c.n_kv_head,
-        n_embd=c.n_embd,
-    )
-    if args.arch != "g1":
-        fields["window_pattern"] = c.window_pattern
-    with torch.device("meta"):
-        ref = GPT(GPTConfig(**fields))
-    ref.to_empty(device="cpu")
-    ref.init_weights()  # the rotary tables; the weights come next, sharing the numpy arrays' memory
-    ref.load_state_dict({k: torch.from_numpy(v) for k, v in ckpt.weights.items()}, strict=True, assign=True)
-    ref.eval()
-    if args.dtype == "bfloat16":
-        ref.to(torch.bfloat16)
-    ref_engine = RefEngine(ref, ckpt.tokenizer)
+    ref_engine = reference_engine(ckpt, args.arch, args.dtype)
 
     ours, roofline = {}, {}
+    load_before = os.getloadavg()[0]
     bandwidth = read_bandwidth()
     context = args.prompt_tokens + args.decode_tokens // 2
     for q in args.quantize.split(","):
@@ -121,18 +142,30 @@ def main() -> None:
     n = args.decode_tokens
 
     params = SamplingParams(temperature=0.0, max_tokens=n)
+    long_prompt = [ckpt.tokenizer.get_bos_token_id(), *range(300, 300 + args.prefill_tokens - 1)]
+    first_token = SamplingParams(temperature=0.0, max_tokens=1)
     rates: dict[str, list[float]] = {name: [] for name in [*ours, "reference"]}
+    prefill: dict[str, list[float]] = {name: [] for name in rates}
     reported: dict[str, list[float]] = {name: [] for name in ours}
     with torch.inference_mode():
         for _ in range(args.rounds):
             for name, engine in ours.items():
-                events = (e for e in engine.generate(prompt, params, stop_tokens=()) if e.tokens or e.final)
-                rates[name].append(steps_per_second(events, n - 2))
+                events = (e for e in engine.generate(prompt, params, stop_tokens=()) if e.tokens)
+                rates[name].append(steps_per_second(events, -1 if engine.runner.pipelined else 0))
                 reported[name].append(engine.last_stats.decode_tps)
+                if args.prefill_tokens:
+                    t = time.perf_counter()
+                    next(e for e in engine.generate(long_prompt, first_token, stop_tokens=()) if e.tokens)
+                    prefill[name].append(args.prefill_tokens / (time.perf_counter() - t))
             gen = ref_engine.generate(prompt, num_samples=1, max_tokens=n, temperature=0.0)
-            rates["reference"].append(steps_per_second(gen, n - 1))
+            rates["reference"].append(steps_per_second(gen, 1))
+            if args.prefill_tokens:
+                t = time.perf_counter()
+                next(ref_engine.generate(long_prompt, num_samples=1, max_tokens=1, temperature=0.0))
+                prefill["reference"].append(args.prefill_tokens / (time.perf_counter() - t))
 
     med = {name: statistics.median(v) for name, v in rates.items()}
+    prefill_med = {name: statistics.median(v) for name, v in prefill.items() if v}
     result = {
         "geometry": args.geometry,
         "arch": args.arch,
@@ -144,7 +177,15 @@ def main() -> None:
         "decode_tps": med,
         "all": rates,
         "ratio_vs_reference": {name: med[name] / med["reference"] for name in ours},
+        "prefill_tokens": args.prefill_tokens,
+        "prefill_tps": prefill_med,
+        "prefill_ratio_vs_reference": {name: prefill_med[name] / prefill_med["reference"] for name in ours}
+        if prefill_med
+        else {},
         "read_bandwidth_gbs": bandwidth / 1e9,
+        "load_average": [load_before, os.getloadavg()[0]],  # 1-minute load before and after the run
+        "torch": torch.__version__,
+        "cpu": cpu_model(),
         "roofline_tps": roofline,
         "fraction_of_roofline": {name: med[name] / roofline[name] for name in ours},
         "engine_reported_over_outside_clock": {

@@ -140,26 +140,32 @@ def gemv_candidates(weight: torch.Tensor) -> list[str]:
     return ["linear", "mv"] if weight.device.type == "cpu" else ["linear"]
 
 
-GEMV_PROBE_BYTES = 32 << 20  # weights of one shape a timing pass reads: more than most caches hold
+def time_gemv(modules: list[Linear], names: list[str], rounds: int = 2) -> dict[tuple[int, int], dict[str, float]]:
+    """Median seconds per shape and kernel of one-row products over ``modules`` in model order.
 
-
-def time_gemv(weights: list[torch.Tensor], names: list[str], rounds: int = 2) -> dict[str, float]:
-    """Median seconds of each kernel for one pass over ``weights`` (one row each), in interleaved
-    rounds after a warm-up: a pass over several layers' matrices streams them from memory, as
-    decoding does, where one matrix timed repeatedly would sit in the cache."""
-    per_matrix = weights[0].numel() * weights[0].element_size()
-    weights = weights[: max(1, GEMV_PROBE_BYTES // per_matrix)]
-    x = torch.randn(1, 1, weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    Each round runs every kernel over all the modules in turn, as a decode step reads them: the
+    weights come from wherever a decode step finds them (memory, or a large last-level cache for a
+    small model), where one matrix timed repeatedly would sit in the core's own cache. Round 0
+    warms each kernel up (first-call costs, lazy initialization).
+    """
+    inputs = {}
+    for m in modules:
+        w = m.weight
+        inputs.setdefault(w.shape[1], torch.randn(1, 1, w.shape[1], dtype=w.dtype, device=w.device))
+    times: dict[tuple[int, int], dict[str, list[float]]] = {}
     for r in range(rounds + 1):
         for name in names:
             kernel = GEMV_KERNELS[name]
-            t = time.perf_counter()
-            for w in weights:
-                kernel(w, x)
-            if r:  # round 0 warms each kernel up (first-call costs, lazy initialization)
-                times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            spent: dict[tuple[int, int], float] = {}
+            for m in modules:
+                shape = tuple(m.weight.shape)
+                t = time.perf_counter()
+                kernel(m.weight, inputs[shape[1]])
+                spent[shape] = spent.get(shape, 0.0) + time.perf_counter() - t
+            if r:
+                for shape, seconds in spent.items():
+                    times.setdefault(shape, {}).setdefault(name, []).append(seconds)
+    return {shape: {name: statistics.median(ts) for name, ts in by.items()} for shape, by in times.items()}
 
 
 @torch.inference_mode()
@@ -167,27 +173,23 @@ def choose_gemv(model: nn.Module, kernel: str | None = None) -> dict[tuple[int, 
     """Give every Linear the fastest one-row kernel for its shape on this machine (or ``kernel``).
 
     Decode is a chain of matrix-vector products that read every weight once, so the kernel that
-    streams memory fastest wins; which one that is varies with the CPU and dtype (torch.mv beats
-    F.linear in bfloat16 on some x86 CPUs and loses on others; OpenBLAS through numpy can beat both
-    in float32). Each shape is timed on all of the model's matrices of that shape.
+    streams memory fastest wins; which one that is varies with the CPU, dtype and thread count
+    (torch.mv beats F.linear by a third in bfloat16 on an AMX Xeon, at 1 and 2 threads, and loses
+    on an AMD Zen 4; in float32 both run at the memory's speed). Every shape is timed on all of
+    the model's matrices of that shape, in one pass over the model per kernel (``time_gemv``).
     """
-    by_shape: dict[tuple[int, int], list[Linear]] = {}
-    for module in model.modules():
-        if isinstance(module, Linear):
-            by_shape.setdefault(tuple(module.weight.shape), []).append(module)
-    chosen: dict[tuple[int, int], str] = {}
-    for shape, modules in by_shape.items():
-        names = gemv_candidates(modules[0].weight)
-        if kernel is not None:  # numpy runs float32 CPU tensors only
-            cpu32 = modules[0].weight.device.type == "cpu" and modules[0].weight.dtype == torch.float32
-            chosen[shape] = kernel if kernel in names or (kernel == "numpy" and cpu32) else "linear"
-        elif len(names) == 1:
-            chosen[shape] = names[0]
-        else:
-            times = time_gemv([m.weight for m in modules], names)
-            chosen[shape] = min(times, key=times.__getitem__)
-        for module in modules:
-            module.gemv = GEMV_KERNELS[chosen[shape]]
+    modules = [m for m in model.modules() if isinstance(m, Linear)]
+    shapes = {tuple(m.weight.shape): m.weight for m in modules}
+    names = {shape: gemv_candidates(w) for shape, w in shapes.items()}
+    if kernel is not None:  # numpy runs float32 CPU tensors only
+        cpu32 = {shape: w.device.type == "cpu" and w.dtype == torch.float32 for shape, w in shapes.items()}
+        chosen = {s: kernel if kernel in names[s] or (kernel == "numpy" and cpu32[s]) else "linear" for s in shapes}
+    else:
+        candidates = sorted({name for n in names.values() for name in n}, key=list(GEMV_KERNELS).index)
+        timed = time_gemv(modules, candidates) if len(candidates) > 1 else {}
+        chosen = {s: min(timed[s], key=timed[s].__getitem__) if s in timed else names[s][0] for s in shapes}
+    for m in modules:
+        m.gemv = GEMV_KERNELS[chosen[tuple(m.weight.shape)]]
     return chosen
 
 
