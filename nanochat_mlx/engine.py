@@ -247,6 +247,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.runner: Runner = model.make_runner()
         self.prefill_chunk = prefill_chunk
+        # What the adaptive prefill has learned, kept across calls: the next chunk size, and the
+        # (tokens, seconds) of the last chunk run.
+        self._chunk = PREFILL_CHUNKS[0] * 4
+        self._last_chunk: tuple[int, float] | None = None
         self.last_stats: GenerationStats | None = None
 
     @property
@@ -369,17 +373,37 @@ class Engine:
         chunk (the last chunk's logits are for the last position)."""
         if not tokens:
             raise ValueError("the prompt cache already holds the whole prompt; trim it by one first")
-        smallest, largest = PREFILL_CHUNKS
-        chunk, done = self.prefill_chunk or smallest * 4, 0
+        done = 0
         while done < len(tokens):
             began = time.perf_counter()
-            logits = self.runner.prefill(tokens[done : done + chunk], cache)
-            done += len(tokens[done : done + chunk])
+            piece = tokens[done : done + (self.prefill_chunk or self._chunk)]
+            logits = self.runner.prefill(piece, cache)
+            done += len(piece)
             stats.prefilled = done
             if self.prefill_chunk is None:
-                took = max(time.perf_counter() - began, 1e-6)
-                chunk = max(smallest, min(largest, int(chunk * PREFILL_TARGET_S / took)))
+                self._chunk = self._next_chunk(len(piece), max(time.perf_counter() - began, 1e-6))
             yield logits
+
+    def _next_chunk(self, n: int, took: float) -> int:
+        """The next prefill chunk after one of ``n`` tokens took ``took`` seconds.
+
+        A chunk costs a fixed part (every weight is read once, whatever the chunk) plus a part per
+        token; two chunks of different sizes tell them apart. The chunk takes about
+        PREFILL_TARGET_S, but at least long enough that the fixed part stays under a tenth of it: on
+        a large model on a slow CPU (d20 float32 reads 1.9 GB per chunk, ~0.12 s) a quarter-second
+        chunk would spend half its time re-reading weights.
+        """
+        smallest, largest = PREFILL_CHUNKS
+        previous, self._last_chunk = self._last_chunk, (n, took)
+        if previous is None or previous[0] == n:  # one size seen so far: grow, to see another
+            per_token, fixed = took / n, 0.0
+            grow = 4 * n if took < PREFILL_TARGET_S else 0
+        else:
+            slope = (took - previous[1]) / (n - previous[0])
+            per_token = min(max(slope, 0.1 * took / n), took / n)  # noisy timings: keep it plausible
+            fixed, grow = took - per_token * n, 0
+        want = max((PREFILL_TARGET_S - fixed) / per_token, 9 * fixed / per_token, grow)
+        return max(smallest, min(largest, int(want)))
 
     def _advance(self, rows: list[RowState], ids: list[int], masks: list[int]) -> GenerationEvent:
         """Apply one column of tokens to the rows still running."""
