@@ -389,7 +389,7 @@ class Engine:
 
         A chunk costs a fixed part (every weight is read once, whatever the chunk) plus a part per
         token; two chunks of different sizes tell them apart. The chunk takes about
-        PREFILL_TARGET_S, but at least long enough that the fixed part stays under a tenth of it: on
+        PREFILL_TARGET_S, but at least long enough that the fixed part stays under a twentieth of it: on
         a large model on a slow CPU (d20 float32 reads 1.9 GB per chunk, ~0.12 s) a quarter-second
         chunk would spend half its time re-reading weights.
         """
@@ -402,7 +402,7 @@ class Engine:
             slope = (took - previous[1]) / (n - previous[0])
             per_token = min(max(slope, 0.1 * took / n), took / n)  # noisy timings: keep it plausible
             fixed, grow = took - per_token * n, 0
-        want = max((PREFILL_TARGET_S - fixed) / per_token, 9 * fixed / per_token, grow)
+        want = max((PREFILL_TARGET_S - fixed) / per_token, 19 * fixed / per_token, grow)
         return max(smallest, min(largest, int(want)))
 
     def _advance(self, rows: list[RowState], ids: list[int], masks: list[int]) -> GenerationEvent:
