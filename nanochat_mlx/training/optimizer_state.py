@@ -8,20 +8,23 @@ import numpy as np
 
 from .optim import MuonAdamW
 
+INTEGER_FIELDS = ("step", "rows")  # the step count; the rows a rowwise AdamW state covers
+
 
 def _dtype_name(value: Any) -> str:
     return str(value.dtype).removeprefix("torch.").removeprefix("mlx.core.")
 
 
 def optimizer_state(model: Any, optimizer: MuonAdamW) -> dict[str, np.ndarray]:
-    """``{"<tensor>/<field>": float32 array}`` plus each field's dtype under ``"<tensor>/<field>#dtype"``."""
+    """``{"<tensor>/<field>": float32 array}`` plus each field's dtype under ``"<tensor>/<field>#dtype"``
+    (the step counts and an embedding table's touched rows as they are: integers)."""
     from . import _backend
 
     backend = _backend(model)
     out = {}
     for key, fields in optimizer.state.items():
         for field, value in fields.items():
-            if field == "step":
+            if field in INTEGER_FIELDS:
                 out[f"{key}/{field}"] = np.asarray(value)
             else:
                 out[f"{key}/{field}"] = backend.to_numpy(value)
@@ -48,4 +51,9 @@ def load_optimizer_state(model: Any, optimizer: MuonAdamW, state: dict[str, np.n
             continue
         key, field = name.rsplit("/", 1)
         entry = optimizer.state.setdefault(key, {})
-        entry[field] = int(value) if field == "step" else _array(model, value, str(state[f"{name}#dtype"]))
+        if field == "step":
+            entry[field] = int(value)
+        elif field == "rows":
+            entry[field] = np.asarray(value, np.int64)
+        else:
+            entry[field] = _array(model, value, str(state[f"{name}#dtype"]))

@@ -28,6 +28,7 @@ from ..options import LoadOptions
 from .data import Dataset, Packer, batch_arrays, eval_rows, read_dataset
 from .distributed import World, init_world, sum_arrays
 from .evaluate import evaluate
+from .rows import RowGrad
 from .schedule import LRSchedule, muon_momentum
 
 LOG, PLOT = "train_log.jsonl", "loss.png"
@@ -145,12 +146,12 @@ class FullTrainer:
             model, args.unembedding_lr, args.embedding_lr, args.matrix_lr, 0.0, init_lr_frac=args.init_lr_frac
         )
 
-    def loss_and_grads(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        from . import loss_and_grads
+    def loss_and_grads(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, np.ndarray | RowGrad]]:
+        from . import loss_and_row_grads
 
-        return loss_and_grads(self.model, inputs, targets)
+        return loss_and_row_grads(self.model, inputs, targets)
 
-    def apply(self, grads: dict[str, np.ndarray], lr_multiplier: float, momentum: float) -> None:
+    def apply(self, grads: dict[str, np.ndarray | RowGrad], lr_multiplier: float, momentum: float) -> None:
         from . import apply_gradients
 
         apply_gradients(self.model, self.optimizer, grads, lr_multiplier, momentum)
@@ -401,19 +402,20 @@ def _train(plan: Plan, loaded, trainer, packer, val, world: World, progress: Pro
             x, y = batch_arrays(rows[m * rows_micro : (m + 1) * rows_micro])
             loss, grads = trainer.loss_and_grads(x, y)
             total_loss += loss
-            # Summed in place in float32 (the processes' sum is a float32 message anyway): a d20 g9
-            # model's gradients are 3.6 GB, and every extra copy of them is memory the run lacks.
+            # Summed in place in float32 (the processes' sum is a float32 message anyway): a d20
+            # model's dense gradients are 2 GB, and every extra copy of them is memory the run lacks.
             for name, g in grads.items():
                 if name in total:
                     total[name] += g
                 else:
-                    total[name] = g.astype(np.float32, copy=False)
+                    total[name] = g if isinstance(g, RowGrad) else g.astype(np.float32, copy=False)
+            del grads  # before the next micro-batch's backward
         total["__loss__"] = np.array([total_loss])
-        total = sum_arrays(world, total)
-        loss = float(total.pop("__loss__")[0]) / plan.micro_batches
-        grads = total
+        grads = sum_arrays(world, total)
+        loss = float(grads.pop("__loss__")[0]) / plan.micro_batches
         for g in grads.values():
-            g /= plan.micro_batches
+            values = g.values if isinstance(g, RowGrad) else g
+            values /= plan.micro_batches
         fraction = step / args.steps if args.steps > 0 else min(packer.epochs_done / args.epochs, 1.0)
         lrm = schedule(fraction)
         if plan.lora:
