@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +102,10 @@ class LoRATrainer:
         self.optimizer.update(self.model, tree)
         mx.eval(self.model.parameters(), self.optimizer.state)
 
-    def state(self) -> dict[str, np.ndarray]:
-        return {name: np.array(v) for name, v in tree_flatten(self.optimizer.state)}
+    def save_state(self, path: Path) -> None:
+        np.savez(path, **{name: np.array(v) for name, v in tree_flatten(self.optimizer.state)})
 
-    def restore(self, state: dict[str, np.ndarray]) -> None:
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
         self.optimizer.init(self.model.trainable_parameters())
         self.optimizer.state = tree_unflatten([(n, mx.array(v)) for n, v in state.items()])
 

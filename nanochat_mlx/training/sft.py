@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,12 +157,12 @@ class FullTrainer:
 
         apply_gradients(self.model, self.optimizer, grads, lr_multiplier, momentum)
 
-    def state(self) -> dict[str, np.ndarray]:
-        from .optimizer_state import optimizer_state
+    def save_state(self, path: Path) -> None:
+        from .optimizer_state import save_optimizer_state
 
-        return optimizer_state(self.model, self.optimizer)
+        save_optimizer_state(path, self.model, self.optimizer)
 
-    def restore(self, state: dict[str, np.ndarray]) -> None:
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
         from .optimizer_state import load_optimizer_state
 
         load_optimizer_state(self.model, self.optimizer, state)
@@ -245,7 +246,6 @@ def _save(directory: Path, step: int, loaded: LoadedModel, trainer, plan: Plan, 
 
         directory.mkdir(parents=True, exist_ok=True)
         save_adapters(directory, loaded.model, {"step": step, **config})
-        np.savez(directory / f"optimizer_{step:06d}.npz", **trainer.state())
     else:
         save_checkpoint(directory, step, loaded.model, loaded.tokenizer, run.get("val_bpb"), config)
         meta = directory / f"meta_{step:06d}.json"
@@ -254,7 +254,7 @@ def _save(directory: Path, step: int, loaded: LoadedModel, trainer, plan: Plan, 
                  "total_batch_size": args.batch_tokens}  # fmt: skip
         written = json.loads(meta.read_text())
         meta.write_text(json.dumps({**written, **batch, "val_loss": run.get("val_loss")}, indent=2) + "\n")
-        np.savez(directory / f"optimizer_{step:06d}.npz", **trainer.state())
+    trainer.save_state(directory / f"optimizer_{step:06d}.npz")
     state = {"step": step, "args": config, "data": packer.state(), "run": run}
     _state_path(directory, step).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
@@ -344,7 +344,8 @@ def main(argv: list[str]) -> int:
             from .lora import load_adapters
 
             load_adapters(out, loaded.model)
-        trainer.restore(dict(np.load(out / f"optimizer_{step:06d}.npz")))
+        with np.load(out / f"optimizer_{step:06d}.npz") as saved:
+            trainer.restore(saved)
     progress.note(
         f"{loaded.description}\n{len(train.examples):,} examples ({train.n_tokens:,} tokens) from {train.path}; "
         f"{plan.rows_per_step} rows x {args.max_seq_len} tokens a step, {plan.micro_batches} micro-batches of "
