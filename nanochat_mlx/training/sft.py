@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-ratio", type=float, default=0.0)
     g.add_argument("--warmdown-ratio", type=float, default=0.5)
     g.add_argument("--final-lr-frac", type=float, default=0.0)
-    g = p.add_argument_group("LoRA (MLX backend; with --quantize: QLoRA)")
+    g = p.add_argument_group("LoRA (with --quantize on MLX: QLoRA)")
     g.add_argument("--lora-rank", type=int, default=0, help="adapter rank (default 0: full fine-tuning)")
     g.add_argument("--lora-alpha", type=float, help="scale numerator (default 2 x rank)")
     g.add_argument("--lora-layers", type=int, default=-1, help="adapt the last N blocks (default -1: all)")
@@ -172,20 +173,33 @@ def _check_method(args: argparse.Namespace, backend: str, quantized: bool) -> No
     """Refuse what the chosen method cannot do (before the load when the options tell, else after)."""
     if args.lora_rank <= 0 and quantized:
         raise NanochatError("full fine-tuning needs unquantized weights: drop --quantize, or use --lora-rank")
-    if args.lora_rank > 0 and backend == "torch":
-        raise NanochatError("LoRA runs on the MLX backend only for now: add --backend mlx")
+    if args.lora_rank > 0 and backend == "torch" and quantized:
+        raise NanochatError("torch LoRA needs unquantized weights: drop --quantize (QLoRA runs on --backend mlx)")
 
 
 def _trainer(loaded: LoadedModel, args: argparse.Namespace):
     _check_method(args, loaded.backend, bool(loaded.quantization))
     if args.lora_rank <= 0:
         return FullTrainer(loaded.model, args)
-    from .lora import LoRATrainer, apply_lora
-
-    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+    lora = _lora(loaded)
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    apply_lora(loaded.model, args.lora_rank, alpha, args.lora_layers, targets, args.seed)
-    return LoRATrainer(loaded.model, args.lr, weight_decay=0.0)
+    lora.apply_lora(loaded.model, args.lora_rank, _lora_alpha(args), args.lora_layers, targets, args.seed)
+    return lora.LoRATrainer(loaded.model, args.lr, weight_decay=0.0)
+
+
+def _lora(loaded: LoadedModel) -> ModuleType:
+    """The LoRA module of the model's backend (the adapters and their file are the same in both)."""
+    if loaded.backend == "torch":
+        from . import torch_lora
+
+        return torch_lora
+    from . import lora
+
+    return lora
+
+
+def _lora_alpha(args: argparse.Namespace) -> float:
+    return args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
 
 
 class Progress:
@@ -242,10 +256,10 @@ def _save(directory: Path, step: int, loaded: LoadedModel, trainer, plan: Plan, 
     args = plan.args
     config = {k: v for k, v in vars(args).items() if k not in ("resume",)}
     if plan.lora:
-        from .lora import save_adapters
+        from .lora_spec import save_adapters
 
         directory.mkdir(parents=True, exist_ok=True)
-        save_adapters(directory, loaded.model, {"step": step, **config})
+        save_adapters(directory, _lora(loaded).adapter_arrays(loaded.model), {"step": step, **config})
     else:
         save_checkpoint(directory, step, loaded.model, loaded.tokenizer, run.get("val_bpb"), config)
         meta = directory / f"meta_{step:06d}.json"
@@ -261,10 +275,10 @@ def _save(directory: Path, step: int, loaded: LoadedModel, trainer, plan: Plan, 
 
 def _fuse(directory: Path, step: int, loaded: LoadedModel, args: argparse.Namespace, run: dict) -> None:
     from . import save_checkpoint
-    from .lora import fuse
+    from .lora_spec import fuse
 
-    base = load_model(LoadOptions(args.source, args.step, args.arch, "float32", None, "mlx"))
-    fuse(base.model, loaded.model)
+    base = load_model(LoadOptions(args.source, args.step, args.arch, "float32", None, loaded.backend))
+    fuse(base.model, _lora(loaded).adapter_arrays(loaded.model), _lora_alpha(args) / args.lora_rank)
     save_checkpoint(directory, step, base.model, base.tokenizer, run.get("val_bpb"), vars(args))
 
 
@@ -341,9 +355,7 @@ def main(argv: list[str]) -> int:
         step, run = state["step"], state["run"]
         packer.restore(state["data"])
         if args.lora_rank:
-            from .lora import load_adapters
-
-            load_adapters(out, loaded.model)
+            _lora(loaded).load_adapters(out, loaded.model)
         with np.load(out / f"optimizer_{step:06d}.npz") as saved:
             trainer.restore(saved)
     progress.note(
