@@ -176,7 +176,7 @@ def _step(
         group.lr = group.initial_lr * lr_multiplier
         if group.kind == "muon" and muon_momentum is not None:
             group.momentum = muon_momentum
-    backend.assign(model, optimizer.update(backend.parameters(model), grads))
+    optimizer.update(backend.parameters(model), grads, lambda new: backend.assign(model, new))
 
 
 def state_dict(model: Any) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ comes from a backend (``mlx_backend.KERNELS``, ``torch_backend.KERNELS``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -111,7 +112,8 @@ class Kernels(Protocol):
 class MuonAdamW:
     """The reference's MuonAdamW on one process: per-tensor AdamW, per-shape stacked Muon.
 
-    ``update(params, grads)`` takes and returns ``{canonical name: array}``; state (moments,
+    ``update(params, grads, write)`` takes ``{canonical name: array}``s and hands the new weights
+    to ``write``; state (moments,
     momentum buffers, step counts) lives here. Set ``group.lr`` / ``group.momentum`` between steps.
     The embedding tables (``rowwise`` groups) keep moments for the rows any step's ``RowGrad``
     touched (``state[name]["rows"]``): every other row's moments are zero, so its AdamW step is
@@ -124,25 +126,22 @@ class MuonAdamW:
         self.kernels = kernels
         self.state: dict[str, dict[str, Any]] = {}
 
-    def update(self, params: dict[str, Any], grads: dict[str, Any]) -> dict[str, Any]:
-        new = dict(params)
+    def update(self, params: dict[str, Any], grads: Mapping[str, Any], write: Callable[[dict[str, Any]], None]) -> None:
+        """One step: each group's new arrays are handed to ``write`` as soon as they are computed, so a
+        group's copies are gone before the next group's temporaries exist."""
         for group in self.param_groups:
-            if group.kind == "adamw":
-                for name in group.names:
-                    p, g = params[name], grads[name]
-                    if group.rowwise:
-                        g = g if isinstance(g, RowGrad) else RowGrad(np.arange(g.shape[0]), g, tuple(g.shape))
-                        new[name] = self._adamw_rows(group, name, p, g)
-                    else:
-                        g = (
-                            self.kernels.put(self.kernels.zeros(g.shape, p), g.rows, g.values)
-                            if isinstance(g, RowGrad)
-                            else g
-                        )
-                        new[name] = self._adamw(group, name, p, g)
-            else:
-                new.update(self._muon(group, [params[n] for n in group.names], [grads[n] for n in group.names]))
-        return new
+            if group.kind == "muon":
+                write(self._muon(group, [params[n] for n in group.names], [grads[n] for n in group.names]))
+                continue
+            for name in group.names:
+                p, g = params[name], grads[name]
+                if group.rowwise:
+                    g = g if isinstance(g, RowGrad) else RowGrad(np.arange(g.shape[0]), g, tuple(g.shape))
+                    write({name: self._adamw_rows(group, name, p, g)})
+                else:
+                    if isinstance(g, RowGrad):
+                        g = self.kernels.put(self.kernels.zeros(g.shape, p), g.rows, g.values)
+                    write({name: self._adamw(group, name, p, g)})
 
     def _adamw(self, group: ParamGroup, name: str, p: Any, g: Any) -> Any:
         k = self.kernels

@@ -23,8 +23,11 @@ def parameters(model: TorchGPT) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def assign(model: TorchGPT, params: dict[str, torch.Tensor]) -> None:
-    for name, view in parameters(model).items():
-        view.copy_(params[name])
+    """Write these canonical tensors (some or all) into the model."""
+    views = parameters(model)
+    for name, value in params.items():
+        if value.data_ptr() != views[name].data_ptr():  # one computed in the weight's own memory is there
+            views[name].copy_(value)
 
 
 def loss_and_grads(model: TorchGPT, inputs: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, dict]:
@@ -119,25 +122,27 @@ class TorchKernels:
 
     @torch.no_grad()
     def muon(self, p, g, momentum_buffer, second_buffer, *, momentum, lr, weight_decay, beta2, ns_steps, red_dim):
+        # p and g are stacked copies (the optimizer's own): the update is computed in their memory, each
+        # step the same operation in the same order as the reference's (a d20 group is 0.5 GB a copy).
         dtype = p.dtype
-        momentum_buffer = momentum_buffer.lerp(g, 1 - momentum)
-        g = g.lerp(momentum_buffer, momentum)  # Nesterov
-        x = g.float()
+        momentum_buffer.lerp_(g, 1 - momentum)
+        x = g.lerp_(momentum_buffer, momentum).float()  # Nesterov
         # MuonEq: every row rescaled to the mean row norm before orthogonalizing.
         target = _norm(x, (-2, -1)) / (x.shape[-2] ** 0.5)
-        x = x * (target / _norm(x, (-1,)).clamp_min(1e-6))
-        x = x / (_norm(x, (-2, -1)) * 1.01 + 1e-6)
+        x.mul_(target / _norm(x, (-1,)).clamp_min(1e-6))
+        x.div_(_norm(x, (-2, -1)) * 1.01 + 1e-6)
         tall = x.shape[-2] > x.shape[-1]
         for a, b, c in POLAR_EXPRESS[:ns_steps]:
             if tall:
                 A = x.mT @ x
-                x = a * x + x @ (b * A + c * (A @ A))
+                y = x @ (b * A + c * (A @ A))
             else:
                 A = x @ x.mT
-                x = a * x + (b * A + c * (A @ A)) @ x
+                y = (b * A + c * (A @ A)) @ x
+            x = y.add_(x.mul_(a))  # a * x + y
         x = x.to(p.dtype)
         # Muon+: snap the Frobenius norm to that of a semi-orthogonal matrix.
-        x = x * (min(x.shape[-2], x.shape[-1]) ** 0.5 / _norm(x.float(), (-2, -1)).clamp_min(1e-6))
+        x.mul_(min(x.shape[-2], x.shape[-1]) ** 0.5 / _norm(x.float(), (-2, -1)).clamp_min(1e-6))
         # NorMuon: per-row (or per-column) step sizes from a second-moment EMA, total norm kept.
         v_mean = x.float().square().mean(dim=red_dim, keepdim=True)
         size = x.shape[red_dim]
@@ -145,11 +150,13 @@ class TorchKernels:
         second_buffer = second_buffer.lerp(v_mean.to(second_buffer.dtype), 1 - beta2)
         step_size = second_buffer.clamp_min(1e-10).rsqrt()
         v_norm_new = (v_mean * size * step_size.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-        x = x * (step_size * (v_norm / v_norm_new.clamp_min(1e-10)))
-        # Cautious weight decay: only where the update and the weight agree in sign.
-        mask = (x * p) >= 0
-        p = p - (lr * x + lr * weight_decay * p * mask)
-        return p.to(dtype), momentum_buffer, second_buffer
+        x.mul_(step_size * (v_norm / v_norm_new.clamp_min(1e-10)))
+        # Cautious weight decay: only where the update and the weight agree in sign (none at 0: SFT's).
+        mask = (x * p) >= 0 if weight_decay else None
+        update = x.mul_(lr)
+        if weight_decay:
+            update.add_(lr * weight_decay * p * mask)
+        return p.sub_(update).to(dtype), momentum_buffer, second_buffer
 
 
 KERNELS = TorchKernels()
