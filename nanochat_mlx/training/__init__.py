@@ -130,37 +130,41 @@ def apply_gradients(
     grads: Mapping[str, np.ndarray | RowGrad],
     lr_multiplier: float = 1.0,
     muon_momentum: float | None = None,
+    *,
+    consume: bool = False,
 ) -> None:
     """``train_step`` with given gradients (canonical names and shapes, e.g. summed over micro-batches;
-    an embedding table's may be a ``RowGrad``, as ``loss_and_row_grads`` gives it)."""
+    an embedding table's may be a ``RowGrad``, as ``loss_and_row_grads`` gives it). ``consume``
+    removes each from ``grads`` (a dict) once the optimizer has it, so its memory goes as the step goes."""
     backend = _backend(model)
     params = backend.parameters(model)
     shapes = {n: tuple(g.shape) for n, g in grads.items()}
     wrong = sorted(set(params) ^ set(grads)) or [n for n in params if shapes[n] != tuple(params[n].shape)]
     if wrong:
         raise NanochatError(f"gradients must match the model's canonical tensors; {wrong[0]} does not")
-    _step(backend, model, optimizer, _DeviceGrads(backend, grads, params), lr_multiplier, muon_momentum)
+    _step(backend, model, optimizer, _DeviceGrads(backend, grads, params, consume), lr_multiplier, muon_momentum)
 
 
 class _DeviceGrads(Mapping):
     """numpy gradients as the backend's arrays, each converted when the optimizer reaches it (so
     only one tensor's copy exists at a time); a dense embedding gradient becomes its non-zero rows."""
 
-    def __init__(self, backend: ModuleType, grads: Mapping[str, np.ndarray | RowGrad], params: dict) -> None:
-        self.backend, self.grads, self.params = backend, grads, params
+    def __init__(self, backend: ModuleType, grads: Mapping, params: dict, consume: bool) -> None:
+        self.backend, self.grads, self.params, self.consume = backend, grads, params, consume
+        self.names = list(grads)
 
     def __getitem__(self, name: str) -> Any:
-        g, like = self.grads[name], self.params[name]
+        g, like = self.grads.pop(name) if self.consume else self.grads[name], self.params[name]
         if is_embedding(name):
             g = g if isinstance(g, RowGrad) else RowGrad.from_dense(np.asarray(g))
             return RowGrad(g.rows, self.backend.from_numpy(g.values, like), g.shape)
         return self.backend.from_numpy(g, like)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.grads)
+        return iter(self.names)
 
     def __len__(self) -> int:
-        return len(self.grads)
+        return len(self.names)
 
 
 def _step(

@@ -210,9 +210,11 @@ class MuonAdamW:
                 "second": k.zeros(second, params[0]),
             }
             self.state[group.names[0]] = state
+        stacked_grads = k.stack(grads)
+        grads.clear()  # the group's gradients, now in the stack: their memory can go
         stacked, state["momentum_buffer"], state["second"] = k.muon(
             k.stack(params),
-            k.stack(grads),
+            stacked_grads,
             state["momentum_buffer"],
             state["second"],
             momentum=group.momentum,

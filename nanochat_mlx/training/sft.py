@@ -156,7 +156,7 @@ class FullTrainer:
     def apply(self, grads: dict[str, np.ndarray | RowGrad], lr_multiplier: float, momentum: float) -> None:
         from . import apply_gradients
 
-        apply_gradients(self.model, self.optimizer, grads, lr_multiplier, momentum)
+        apply_gradients(self.model, self.optimizer, grads, lr_multiplier, momentum, consume=True)
 
     def save_state(self, path: Path) -> None:
         from .optimizer_state import save_optimizer_state
@@ -375,6 +375,31 @@ def _report_skipped(dataset: Dataset | None, progress: Progress) -> None:
         progress.note(f"note: skipped {len(dataset.skipped)} bad line(s); the first: {dataset.skipped[0]}")
 
 
+def _gradients(plan: Plan, world: World, trainer, rows: list) -> tuple[float, dict[str, np.ndarray | RowGrad]]:
+    """One step's mean loss and gradients: this process's micro-batches, summed over the processes."""
+    total_loss, total = 0.0, {}
+    rows_micro = plan.args.device_batch_size
+    for m in range(world.rank, plan.micro_batches, world.size):
+        x, y = batch_arrays(rows[m * rows_micro : (m + 1) * rows_micro])
+        loss, grads = trainer.loss_and_grads(x, y)
+        total_loss += loss
+        # Summed in place in float32 (the processes' sum is a float32 message anyway): a d20
+        # model's dense gradients are 2 GB, and every extra copy of them is memory the run lacks.
+        for name, g in grads.items():
+            if name in total:
+                total[name] += g
+            else:
+                total[name] = g if isinstance(g, RowGrad) else g.astype(np.float32, copy=False)
+        del grads, g  # before the next micro-batch's backward
+    total["__loss__"] = np.array([total_loss])
+    grads = sum_arrays(world, total)
+    loss = float(grads.pop("__loss__")[0]) / plan.micro_batches
+    for g in grads.values():
+        values = g.values if isinstance(g, RowGrad) else g
+        values /= plan.micro_batches
+    return loss, grads
+
+
 def _train(plan: Plan, loaded, trainer, packer, val, world: World, progress: Progress, step: int, run, out) -> None:
     from .checkpoints import token_bytes
 
@@ -410,31 +435,14 @@ def _train(plan: Plan, loaded, trainer, packer, val, world: World, progress: Pro
     while not done():
         t0 = time.perf_counter()
         rows = packer.rows(plan.rows_per_step)
-        total_loss, total = 0.0, {}
-        for m in range(world.rank, plan.micro_batches, world.size):
-            x, y = batch_arrays(rows[m * rows_micro : (m + 1) * rows_micro])
-            loss, grads = trainer.loss_and_grads(x, y)
-            total_loss += loss
-            # Summed in place in float32 (the processes' sum is a float32 message anyway): a d20
-            # model's dense gradients are 2 GB, and every extra copy of them is memory the run lacks.
-            for name, g in grads.items():
-                if name in total:
-                    total[name] += g
-                else:
-                    total[name] = g if isinstance(g, RowGrad) else g.astype(np.float32, copy=False)
-            del grads  # before the next micro-batch's backward
-        total["__loss__"] = np.array([total_loss])
-        grads = sum_arrays(world, total)
-        loss = float(grads.pop("__loss__")[0]) / plan.micro_batches
-        for g in grads.values():
-            values = g.values if isinstance(g, RowGrad) else g
-            values /= plan.micro_batches
+        loss, grads = _gradients(plan, world, trainer, rows)
         fraction = step / args.steps if args.steps > 0 else min(packer.epochs_done / args.epochs, 1.0)
         lrm = schedule(fraction)
         if plan.lora:
             trainer.apply(grads, lrm)
         else:
             trainer.apply(grads, lrm, muon_momentum(step))
+        del grads  # (applied, and emptied by a full trainer) before the next step's backward
         step += 1
         dt = time.perf_counter() - t0
         tok_per_s = args.batch_tokens / dt
