@@ -112,8 +112,13 @@ LORA = ["--lora-rank", "4", "--lr", "1e-2"]
 
 @pytest.mark.parametrize(
     ("backend", "method"),
-    [("mlx", []), pytest.param("torch", [], marks=NEEDS_TORCH), ("mlx", LORA)],
-    ids=["mlx", "torch", "mlx-lora"],
+    [
+        ("mlx", []),
+        pytest.param("torch", [], marks=NEEDS_TORCH),
+        ("mlx", LORA),
+        pytest.param("torch", LORA, marks=NEEDS_TORCH),
+    ],
+    ids=["mlx", "torch", "mlx-lora", "torch-lora"],
 )
 def test_resume_continues_exactly_as_one_run(tmp_path, data, backend, method):
     # With a warmdown the schedule depends on the horizon (--steps), so a longer resumed run could not
@@ -162,10 +167,11 @@ def test_a_batch_that_does_not_split_into_micro_batches_is_one_line(tmp_path, da
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "must be a multiple of" in r.stderr
 
 
-def test_lora_trains_adapters_and_fuses_a_loadable_checkpoint(tmp_path, data):
+@pytest.mark.parametrize("backend", ["mlx", pytest.param("torch", marks=NEEDS_TORCH)])
+def test_lora_trains_adapters_and_fuses_a_loadable_checkpoint(tmp_path, data, backend):
     out = tmp_path / "lora"
     r = run("sft", "--source", str(variant_dir("g9")), "--data", data["train"], "--out", str(out), "--steps", "6",
-            "--lora-rank", "4", "--lr", "1e-2", "--fuse", "--eval-every", "-1", *SMALL)  # fmt: skip
+            "--lora-rank", "4", "--lr", "1e-2", "--fuse", "--eval-every", "-1", *SMALL[:-1], backend)  # fmt: skip
     assert r.returncode == 0, r.stderr
     train = losses(out)
     assert train[-1] < train[0] and (out / "adapters.safetensors").is_file()
@@ -182,11 +188,11 @@ def test_full_fine_tuning_refuses_quantized_weights_in_one_line(tmp_path, data):
 
 
 @NEEDS_TORCH
-def test_lora_on_the_torch_backend_is_refused_in_one_line(tmp_path, data):
+def test_torch_lora_refuses_quantized_weights_in_one_line(tmp_path, data):
     r = run("sft", "--source", str(variant_dir("g9")), "--data", data["train"], "--out", str(tmp_path / "t"),
-            "--lora-rank", "4", *SMALL[:-1], "torch")  # fmt: skip
-    assert (
-        r.returncode == 1 and r.stderr.strip() == "error: LoRA runs on the MLX backend only for now: add --backend mlx"
+            "--lora-rank", "4", "--quantize", "8", *SMALL[:-1], "torch")  # fmt: skip
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "error: torch LoRA needs unquantized weights: drop --quantize (QLoRA runs on --backend mlx)"
     )
 
 

@@ -10,7 +10,8 @@ from mlx.utils import tree_flatten
 
 from nanochat_mlx import load
 from nanochat_mlx.errors import NanochatError
-from nanochat_mlx.training.lora import TARGETS, LoRALinear, LoRATrainer, apply_lora, fuse
+from nanochat_mlx.training.lora import LoRALinear, LoRATrainer, adapter_arrays, apply_lora
+from nanochat_mlx.training.lora_spec import TARGETS, fuse
 
 IDS = mx.array([[1, 5, 9, 33, 7, 2, 8, 100]])
 
@@ -45,7 +46,7 @@ def test_fusing_the_adapters_gives_the_adapted_models_logits():
         if isinstance(mod, LoRALinear):
             mod.lora_b = mx.random.normal(mod.lora_b.shape, key=mx.random.key(1)) * 0.05
     base = model()
-    fuse(base, m)
+    fuse(base, adapter_arrays(m), 8 / 4)
     np.testing.assert_allclose(np.array(base(IDS)), np.array(m(IDS)), atol=2e-5)
 
 

@@ -7,6 +7,7 @@ included), whatever layout the backend computes with.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -15,12 +16,15 @@ import numpy as np
 from ..errors import NanochatError
 from .checkpoints import save_checkpoint
 from .optim import MuonAdamW, ParamGroup, reference_groups
+from .rows import RowGrad, is_embedding
 
 __all__ = [
     "MuonAdamW",
     "ParamGroup",
+    "RowGrad",
     "apply_gradients",
     "loss_and_grads",
+    "loss_and_row_grads",
     "reference_optimizer",
     "save_checkpoint",
     "state_dict",
@@ -65,11 +69,25 @@ def loss_and_grads(model: Any, inputs: Any, targets: Any) -> tuple[float, dict[s
     cross-entropy of the softcapped float32 logits over the other targets, as the reference's
     ``GPT.forward(idx, targets)``. Gradients are float32 numpy arrays of the checkpoint's shapes.
     """
+    loss, grads = loss_and_row_grads(model, inputs, targets)
+    return loss, {name: g.dense() if isinstance(g, RowGrad) else g for name, g in grads.items()}
+
+
+def loss_and_row_grads(model: Any, inputs: Any, targets: Any) -> tuple[float, dict[str, np.ndarray | RowGrad]]:
+    """``loss_and_grads`` with the embedding tables' gradients as ``RowGrad`` (numpy): the rows of
+    the batch's ids, the only ones that are not zero (``apply_gradients`` takes them as they are)."""
     backend = _backend(model)
     loss, grads = backend.loss_and_grads(model, *_batch(inputs, targets))
-    # Popped one by one, so each device gradient is freed as its copy is made (a d20 g9 model's
-    # gradients are 5 GB: holding both sets at once does not fit a 24 GB machine).
-    return float(loss.item()), {name: backend.to_numpy(grads.pop(name)) for name in list(grads)}
+    out: dict[str, np.ndarray | RowGrad] = {}
+    # Popped one by one, so each device gradient is freed as its copy is made (holding both sets
+    # of a d20 model's gradients at once is gigabytes the machine may not have).
+    for name in list(grads):
+        g = grads.pop(name)
+        if isinstance(g, RowGrad):
+            out[name] = RowGrad(g.rows, backend.to_numpy(g.values), g.shape)
+        else:
+            out[name] = backend.to_numpy(g)
+    return float(loss.item()), out
 
 
 def reference_optimizer(
@@ -109,31 +127,51 @@ def train_step(
 def apply_gradients(
     model: Any,
     optimizer: MuonAdamW,
-    grads: dict[str, np.ndarray],
+    grads: Mapping[str, np.ndarray | RowGrad],
     lr_multiplier: float = 1.0,
     muon_momentum: float | None = None,
+    *,
+    consume: bool = False,
 ) -> None:
-    """``train_step`` with given gradients (canonical names and shapes, e.g. summed over micro-batches)."""
+    """``train_step`` with given gradients (canonical names and shapes, e.g. summed over micro-batches;
+    an embedding table's may be a ``RowGrad``, as ``loss_and_row_grads`` gives it). ``consume``
+    removes each from ``grads`` (a dict) once the optimizer has it, so its memory goes as the step goes."""
     backend = _backend(model)
     params = backend.parameters(model)
-    wrong = sorted(set(params) ^ set(grads)) or [n for n in params if tuple(grads[n].shape) != tuple(params[n].shape)]
+    shapes = {n: tuple(g.shape) for n, g in grads.items()}
+    wrong = sorted(set(params) ^ set(grads)) or [n for n in params if shapes[n] != tuple(params[n].shape)]
     if wrong:
         raise NanochatError(f"gradients must match the model's canonical tensors; {wrong[0]} does not")
-    _step(
-        backend,
-        model,
-        optimizer,
-        {n: backend.from_numpy(g, params[n]) for n, g in grads.items()},
-        lr_multiplier,
-        muon_momentum,
-    )
+    _step(backend, model, optimizer, _DeviceGrads(backend, grads, params, consume), lr_multiplier, muon_momentum)
+
+
+class _DeviceGrads(Mapping):
+    """numpy gradients as the backend's arrays, each converted when the optimizer reaches it (so
+    only one tensor's copy exists at a time); a dense embedding gradient becomes its non-zero rows."""
+
+    def __init__(self, backend: ModuleType, grads: Mapping, params: dict, consume: bool) -> None:
+        self.backend, self.grads, self.params, self.consume = backend, grads, params, consume
+        self.names = list(grads)
+
+    def __getitem__(self, name: str) -> Any:
+        g, like = self.grads.pop(name) if self.consume else self.grads[name], self.params[name]
+        if is_embedding(name):
+            g = g if isinstance(g, RowGrad) else RowGrad.from_dense(np.asarray(g))
+            return RowGrad(g.rows, self.backend.from_numpy(g.values, like), g.shape)
+        return self.backend.from_numpy(g, like)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _step(
     backend: ModuleType,
     model: Any,
     optimizer: MuonAdamW,
-    grads: dict[str, Any],
+    grads: Mapping[str, Any],
     lr_multiplier: float,
     muon_momentum: float | None,
 ) -> None:
@@ -142,7 +180,7 @@ def _step(
         group.lr = group.initial_lr * lr_multiplier
         if group.kind == "muon" and muon_momentum is not None:
             group.momentum = muon_momentum
-    backend.assign(model, optimizer.update(backend.parameters(model), grads))
+    optimizer.update(backend.parameters(model), grads, lambda new: backend.assign(model, new))
 
 
 def state_dict(model: Any) -> dict[str, np.ndarray]:

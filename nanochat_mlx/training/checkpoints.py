@@ -17,6 +17,7 @@ import pickle
 import shutil
 import struct
 import zipfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +58,14 @@ def _tuple(items: list[bytes]) -> bytes:
     return pickle.MARK + b"".join(items) + pickle.TUPLE
 
 
-def _tensor(key: int, array: np.ndarray) -> bytes:
-    """Pickle ops rebuilding ``array`` from storage ``key``, as torch pickles a tensor."""
-    storage = _STORAGES.get(array.dtype)
+def _tensor(key: int, shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """Pickle ops rebuilding a tensor of ``shape`` and ``dtype`` from storage ``key``, as torch pickles one."""
+    storage = _STORAGES.get(np.dtype(dtype))
     if storage is None:
-        raise NanochatError(f"cannot save a {array.dtype} tensor: no torch storage type for it")
-    shape = array.shape
+        raise NanochatError(f"cannot save a {dtype} tensor: no torch storage type for it")
     strides = [int(np.prod(shape[i + 1 :])) for i in range(len(shape))]
-    pid = _tuple([_string("storage"), _global("torch", storage), _string(str(key)), _string("cpu"), _int(array.size)])
+    size = int(np.prod(shape))
+    pid = _tuple([_string("storage"), _global("torch", storage), _string(str(key)), _string("cpu"), _int(size)])
     args = [
         pid + pickle.BINPERSID,
         _int(0),  # storage offset
@@ -88,7 +89,7 @@ def _member(zf: zipfile.ZipFile, name: str, data: bytes | memoryview) -> None:
         f.write(data)
 
 
-def _archive(path: Path, pkl: bytes, arrays: list[np.ndarray]) -> None:
+def _archive(path: Path, pkl: bytes, arrays: Iterable[np.ndarray]) -> None:
     """The zip, written beside ``path`` and renamed into place (no half-written checkpoint)."""
     root, partial = path.stem, path.with_name(path.name + ".partial")
     with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as zf:
@@ -97,7 +98,9 @@ def _archive(path: Path, pkl: bytes, arrays: list[np.ndarray]) -> None:
         _member(zf, f"{root}/.storage_alignment", str(ALIGNMENT).encode())
         _member(zf, f"{root}/byteorder", b"little")
         for key, array in enumerate(arrays):
-            _member(zf, f"{root}/data/{key}", memoryview(array.reshape(-1).view(np.uint8)))
+            _member(
+                zf, f"{root}/data/{key}", memoryview(np.require(array, requirements="C").reshape(-1).view(np.uint8))
+            )
         _member(zf, f"{root}/version", b"3\n")
         # torch writes a random 40-digit id; a digest of the content keeps our files reproducible.
         digest = int.from_bytes(hashlib.sha256(pkl).digest()[:16], "little") % 10**40
@@ -107,16 +110,32 @@ def _archive(path: Path, pkl: bytes, arrays: list[np.ndarray]) -> None:
 
 def write_pt(path: str | Path, tensors: dict[str, np.ndarray]) -> None:
     """Write ``{name: numpy array}`` as ``torch.save(state_dict)`` would (float32/bf16/fp16/int32/int64)."""
-    arrays = [np.require(array, requirements="C") for array in tensors.values()]  # keeps 0-d arrays 0-d
-    items = [_string(name) + _tensor(key, array) for key, (name, array) in enumerate(zip(tensors, arrays, strict=True))]
+    arrays = {name: np.asarray(array) for name, array in tensors.items()}  # keeps 0-d arrays 0-d
+    write_pt_lazily(path, {name: (a.shape, a.dtype) for name, a in arrays.items()}, arrays.__getitem__)
+
+
+def write_pt_lazily(
+    path: str | Path, layout: dict[str, tuple[tuple[int, ...], np.dtype]], array: Callable[[str], np.ndarray]
+) -> None:
+    """``write_pt`` of tensors of these names, shapes and dtypes, each made by ``array(name)`` when it
+    is written (so a model's weights are copied one at a time, never all at once)."""
+    items = [
+        _string(name) + _tensor(key, tuple(shape), dtype) for key, (name, (shape, dtype)) in enumerate(layout.items())
+    ]
     pkl = pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + pickle.MARK + b"".join(items) + pickle.SETITEMS + pickle.STOP
-    _archive(Path(path), pkl, arrays)
+    _archive(Path(path), pkl, (_checked(array(name), *layout[name]) for name in layout))
+
+
+def _checked(array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if tuple(array.shape) != tuple(shape) or array.dtype != dtype:
+        raise NanochatError(f"tensor of {array.shape} {array.dtype} where {shape} {dtype} was announced")
+    return array
 
 
 def write_pt_tensor(path: str | Path, array: np.ndarray) -> None:
     """Write one tensor as ``torch.save(tensor)`` would (``token_bytes.pt`` holds one)."""
     array = np.require(array, requirements="C")
-    _archive(Path(path), pickle.PROTO + b"\x02" + _tensor(0, array) + pickle.STOP, [array])
+    _archive(Path(path), pickle.PROTO + b"\x02" + _tensor(0, array.shape, array.dtype) + pickle.STOP, [array])
 
 
 def meta_model_config(model: Any) -> dict[str, Any]:
@@ -168,8 +187,10 @@ def save_checkpoint(
 ) -> Path:
     """Write ``model``'s weights (canonical names, float32) as a reference checkpoint folder:
     ``model_<step:06d>.pt``, ``meta_<step:06d>.json`` and ``tokenizer/``. Returns the folder."""
-    from . import state_dict
+    from . import _backend
 
+    backend = _backend(model)
+    params = backend.parameters(model)
     directory = Path(directory)
     meta = {
         "step": step,
@@ -179,7 +200,8 @@ def save_checkpoint(
     }
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        write_pt(directory / f"model_{step:06d}.pt", state_dict(model))
+        layout = {name: (tuple(p.shape), np.dtype(np.float32)) for name, p in params.items()}
+        write_pt_lazily(directory / f"model_{step:06d}.pt", layout, lambda name: backend.to_numpy(params[name]))
         (directory / f"meta_{step:06d}.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         write_tokenizer(directory / "tokenizer", tokenizer)
     except OSError as e:

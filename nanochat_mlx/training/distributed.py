@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from ..errors import NanochatError
+from .rows import RowGrad
 
 
 class World:
@@ -72,13 +73,46 @@ def init_world() -> World:
     return World()
 
 
-def sum_arrays(world: World, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every array summed over the processes, in one float32 message."""
+MESSAGE = 1 << 26  # float32 values per message: the sum never holds a second copy of all gradients
+
+
+def sum_arrays(world: World, arrays: dict[str, np.ndarray | RowGrad]) -> dict[str, np.ndarray | RowGrad]:
+    """Every array summed over the processes, in float32 messages of up to ``MESSAGE`` values.
+
+    A ``RowGrad`` is first widened to the union of every process's rows (a vocabulary-long count
+    summed across them), so that all processes send the same rows. The sums replace the arrays in
+    ``arrays`` as they arrive (each process's own copy is freed as it goes), which is returned.
+    """
     if world.size == 1:
         return arrays
-    flat = world.all_sum(np.concatenate([a.reshape(-1).astype(np.float32) for a in arrays.values()]))
-    out, offset = {}, 0
-    for name, a in arrays.items():
-        out[name] = flat[offset : offset + a.size].reshape(a.shape)
-        offset += a.size
-    return out
+    sparse = [name for name, a in arrays.items() if isinstance(a, RowGrad)]
+    if sparse:
+        counts = np.concatenate([_touched(arrays[name]) for name in sparse])
+        counts, offset = world.all_sum(counts), 0
+        for name in sparse:
+            g = arrays[name]
+            rows = np.flatnonzero(counts[offset : offset + g.shape[0]])
+            arrays[name] = RowGrad(rows, g.on(rows), g.shape)
+            offset += g.shape[0]
+    flat = {name: (a.values if isinstance(a, RowGrad) else a) for name, a in arrays.items()}
+    batch: list[str] = []
+    for name in [*flat, None]:
+        if batch and (name is None or sum(flat[n].size for n in batch) + flat[name].size > MESSAGE):
+            total = world.all_sum(np.concatenate([flat[n].reshape(-1).astype(np.float32, copy=False) for n in batch]))
+            offset = 0
+            for n in batch:
+                local = flat.pop(n)
+                summed = total[offset : offset + local.size].reshape(local.shape)
+                a = arrays[n]
+                arrays[n] = RowGrad(a.rows, summed, a.shape) if isinstance(a, RowGrad) else summed
+                offset += local.size
+            batch = []
+        if name is not None:
+            batch.append(name)
+    return arrays
+
+
+def _touched(g: RowGrad) -> np.ndarray:
+    counts = np.zeros(g.shape[0], np.float32)
+    counts[g.rows] = 1
+    return counts

@@ -8,6 +8,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .optim import POLAR_EXPRESS
+from .rows import RowGrad, is_embedding
 
 
 def parameters(model: nn.Module) -> dict[str, mx.array]:
@@ -26,11 +27,23 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     return mx.where(keep, losses, 0.0).sum() / keep.sum()
 
 
-def loss_and_grads(model: nn.Module, inputs: np.ndarray, targets: np.ndarray) -> tuple[mx.array, dict[str, mx.array]]:
-    x, y = mx.array(inputs), mx.array(targets)
-    loss, grads = nn.value_and_grad(model, lambda: cross_entropy(model(x), y))()
-    grads = dict(tree_flatten(grads))
-    mx.eval(loss, grads)
+def loss_and_grads(model: nn.Module, inputs: np.ndarray, targets: np.ndarray) -> tuple[mx.array, dict]:
+    """The loss and every gradient; the embedding tables' as ``RowGrad`` (the batch's rows only)."""
+    rows, inverse = np.unique(inputs, return_inverse=True)
+    index = mx.array(rows)
+    full = {name: p for name, p in parameters(model).items() if is_embedding(name)}
+    x, y = mx.array(inverse.reshape(inputs.shape)), mx.array(targets)
+    # Each table swapped for its batch's rows, looked up by position among them: the gradient of
+    # those rows is the table's whole gradient, and the table's own is never materialized.
+    model.update(tree_unflatten([(name, table[index]) for name, table in full.items()]))
+    try:
+        loss, grads = nn.value_and_grad(model, lambda: cross_entropy(model(x), y))()
+        grads = dict(tree_flatten(grads))
+        mx.eval(loss, grads)
+    finally:
+        model.update(tree_unflatten(list(full.items())))
+    for name, table in full.items():
+        grads[name] = RowGrad(rows, grads[name], tuple(table.shape))
     return loss, grads
 
 
@@ -61,6 +74,19 @@ class MLXKernels:
 
     def unstack(self, array: mx.array) -> list[mx.array]:
         return [array[i] for i in range(array.shape[0])]
+
+    def take(self, array: mx.array, rows: np.ndarray) -> mx.array:
+        return array[mx.array(rows)]
+
+    def put(self, array: mx.array, rows: np.ndarray, values: mx.array) -> mx.array:
+        array[mx.array(rows)] = values.astype(array.dtype)
+        mx.eval(array)
+        return array
+
+    def scale(self, array: mx.array, factor: float) -> mx.array:
+        out = (array.astype(mx.float32) * factor).astype(array.dtype)
+        mx.eval(out)
+        return out
 
     def adamw(self, p, g, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay):
         dtype = p.dtype

@@ -9,8 +9,13 @@ comes from a backend (``mlx_backend.KERNELS``, ``torch_backend.KERNELS``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import numpy as np
+
+from .rows import RowGrad
 
 # Polar Express coefficients (a, b, c) per iteration: num_iters=5, safety_factor=2e-2, cushion=2
 # (Amsel et al., https://arxiv.org/abs/2505.16932).
@@ -40,6 +45,7 @@ class ParamGroup:
     beta2: float = MUON_BETA2  # Muon (second-moment EMA of the variance reduction)
     ns_steps: int = MUON_NS_STEPS  # Muon
     initial_lr: float = 0.0  # the lr a schedule multiplies
+    rowwise: bool = False  # AdamW on an embedding table: gradients come as RowGrad, moments per touched row
 
 
 def reference_groups(
@@ -66,8 +72,8 @@ def reference_groups(
     value_embeds = [name for name in shapes if name.startswith("value_embeds.")]
     groups = [
         ParamGroup("adamw", present("lm_head.weight"), unembedding_lr * scale, 0.01, (0.8, 0.96)),
-        ParamGroup("adamw", present("transformer.wte.weight"), embedding_lr * scale, 0.001, (0.8, 0.995)),
-        ParamGroup("adamw", value_embeds, embedding_lr * scale * 0.5, 0.01, (0.8, 0.995)),
+        ParamGroup("adamw", present("transformer.wte.weight"), embedding_lr * scale, 0.001, (0.8, 0.995), rowwise=True),
+        ParamGroup("adamw", value_embeds, embedding_lr * scale * 0.5, 0.01, (0.8, 0.995), rowwise=True),
         ParamGroup("adamw", present("resid_lambdas"), scalar_lr * 0.01, 0.05, (0.8, 0.95)),
         ParamGroup("adamw", present("x0_lambdas"), scalar_lr, 0.0, (0.96, 0.95)),  # higher beta1 for x0
         ParamGroup("adamw", present(*SMEAR_PARAMS), 0.2, 0.0, (0.8, 0.95)),
@@ -83,13 +89,20 @@ def reference_groups(
 
 
 class Kernels(Protocol):
-    """One backend's array math for the updates (functional: new arrays are returned)."""
+    """One backend's array math for the updates. The results are returned; a backend may compute
+    them in the arguments' memory (torch does, where that is exact), so callers pass arrays they own."""
 
     def zeros(self, shape: tuple[int, ...], like: Any) -> Any: ...
 
     def stack(self, arrays: list[Any]) -> Any: ...
 
     def unstack(self, array: Any) -> list[Any]: ...
+
+    def take(self, array: Any, rows: np.ndarray) -> Any: ...  # a copy of array[rows]
+
+    def put(self, array: Any, rows: np.ndarray, values: Any) -> Any: ...  # array with array[rows] = values
+
+    def scale(self, array: Any, factor: float) -> Any: ...  # array * factor in float32, in array's dtype
 
     def adamw(self, p, g, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay) -> tuple: ...
 
@@ -99,8 +112,13 @@ class Kernels(Protocol):
 class MuonAdamW:
     """The reference's MuonAdamW on one process: per-tensor AdamW, per-shape stacked Muon.
 
-    ``update(params, grads)`` takes and returns ``{canonical name: array}``; state (moments,
+    ``update(params, grads, write)`` takes ``{canonical name: array}``s and hands the new weights
+    to ``write``; state (moments,
     momentum buffers, step counts) lives here. Set ``group.lr`` / ``group.momentum`` between steps.
+    The embedding tables (``rowwise`` groups) keep moments for the rows any step's ``RowGrad``
+    touched (``state[name]["rows"]``): every other row's moments are zero, so its AdamW step is
+    exactly 0 / (sqrt(0) + eps) = 0 and only the decoupled weight decay moves it, as in dense AdamW.
+    (A dense gradient there counts every row as touched; a ``RowGrad`` elsewhere is made dense.)
     """
 
     def __init__(self, param_groups: list[ParamGroup], kernels: Kernels) -> None:
@@ -108,15 +126,22 @@ class MuonAdamW:
         self.kernels = kernels
         self.state: dict[str, dict[str, Any]] = {}
 
-    def update(self, params: dict[str, Any], grads: dict[str, Any]) -> dict[str, Any]:
-        new = dict(params)
+    def update(self, params: dict[str, Any], grads: Mapping[str, Any], write: Callable[[dict[str, Any]], None]) -> None:
+        """One step: each group's new arrays are handed to ``write`` as soon as they are computed, so a
+        group's copies are gone before the next group's temporaries exist."""
         for group in self.param_groups:
-            if group.kind == "adamw":
-                for name in group.names:
-                    new[name] = self._adamw(group, name, params[name], grads[name])
-            else:
-                new.update(self._muon(group, [params[n] for n in group.names], [grads[n] for n in group.names]))
-        return new
+            if group.kind == "muon":
+                write(self._muon(group, [params[n] for n in group.names], [grads[n] for n in group.names]))
+                continue
+            for name in group.names:
+                p, g = params[name], grads[name]
+                if group.rowwise:
+                    g = g if isinstance(g, RowGrad) else RowGrad(np.arange(g.shape[0]), g, tuple(g.shape))
+                    write({name: self._adamw_rows(group, name, p, g)})
+                else:
+                    if isinstance(g, RowGrad):
+                        g = self.kernels.put(self.kernels.zeros(g.shape, p), g.rows, g.values)
+                    write({name: self._adamw(group, name, p, g)})
 
     def _adamw(self, group: ParamGroup, name: str, p: Any, g: Any) -> Any:
         k = self.kernels
@@ -138,6 +163,41 @@ class MuonAdamW:
         )
         return p
 
+    def _adamw_rows(self, group: ParamGroup, name: str, p: Any, g: RowGrad) -> Any:
+        k, width = self.kernels, p.shape[1]
+        rows = g.rows
+        state = self.state.get(name)
+        if state is None:
+            state = {"step": 0, "rows": rows, "exp_avg": k.zeros((len(rows), width), p)}
+            state["exp_avg_sq"] = k.zeros((len(rows), width), p)
+            self.state[name] = state
+        elif not np.array_equal(state["rows"], rows):
+            # Rows touched before keep stepping (with a zero gradient), as dense AdamW steps them.
+            rows = np.union1d(state["rows"], rows)
+            if len(rows) > len(state["rows"]):  # rows seen for the first time start from zero moments
+                at = np.searchsorted(rows, state["rows"])
+                for field in ("exp_avg", "exp_avg_sq"):
+                    state[field] = k.put(k.zeros((len(rows), width), state[field]), at, state[field])
+                state["rows"] = rows
+        values = g.values
+        if len(g.rows) < len(rows):
+            values = k.put(k.zeros((len(rows), width), values), np.searchsorted(rows, g.rows), values)
+        state["step"] += 1
+        touched, state["exp_avg"], state["exp_avg_sq"] = k.adamw(
+            k.take(p, rows),
+            values,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            step=state["step"],
+            lr=group.lr,
+            beta1=group.betas[0],
+            beta2=group.betas[1],
+            eps=group.eps,
+            weight_decay=group.weight_decay,
+        )
+        decay = 1 - group.lr * group.weight_decay
+        return k.put(p if decay == 1 else k.scale(p, decay), rows, touched)
+
     def _muon(self, group: ParamGroup, params: list[Any], grads: list[Any]) -> dict[str, Any]:
         k = self.kernels
         rows, cols = params[0].shape
@@ -150,9 +210,11 @@ class MuonAdamW:
                 "second": k.zeros(second, params[0]),
             }
             self.state[group.names[0]] = state
+        stacked_grads = k.stack(grads)
+        grads.clear()  # the group's gradients, now in the stack: their memory can go
         stacked, state["momentum_buffer"], state["second"] = k.muon(
             k.stack(params),
-            k.stack(grads),
+            stacked_grads,
             state["momentum_buffer"],
             state["second"],
             momentum=group.momentum,

@@ -16,8 +16,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,7 @@ from ..options import LoadOptions
 from .data import Dataset, Packer, batch_arrays, eval_rows, read_dataset
 from .distributed import World, init_world, sum_arrays
 from .evaluate import evaluate
+from .rows import RowGrad
 from .schedule import LRSchedule, muon_momentum
 
 LOG, PLOT = "train_log.jsonl", "loss.png"
@@ -77,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-ratio", type=float, default=0.0)
     g.add_argument("--warmdown-ratio", type=float, default=0.5)
     g.add_argument("--final-lr-frac", type=float, default=0.0)
-    g = p.add_argument_group("LoRA (MLX backend; with --quantize: QLoRA)")
+    g = p.add_argument_group("LoRA (with --quantize on MLX: QLoRA)")
     g.add_argument("--lora-rank", type=int, default=0, help="adapter rank (default 0: full fine-tuning)")
     g.add_argument("--lora-alpha", type=float, help="scale numerator (default 2 x rank)")
     g.add_argument("--lora-layers", type=int, default=-1, help="adapt the last N blocks (default -1: all)")
@@ -145,22 +148,22 @@ class FullTrainer:
             model, args.unembedding_lr, args.embedding_lr, args.matrix_lr, 0.0, init_lr_frac=args.init_lr_frac
         )
 
-    def loss_and_grads(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        from . import loss_and_grads
+    def loss_and_grads(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, np.ndarray | RowGrad]]:
+        from . import loss_and_row_grads
 
-        return loss_and_grads(self.model, inputs, targets)
+        return loss_and_row_grads(self.model, inputs, targets)
 
-    def apply(self, grads: dict[str, np.ndarray], lr_multiplier: float, momentum: float) -> None:
+    def apply(self, grads: dict[str, np.ndarray | RowGrad], lr_multiplier: float, momentum: float) -> None:
         from . import apply_gradients
 
-        apply_gradients(self.model, self.optimizer, grads, lr_multiplier, momentum)
+        apply_gradients(self.model, self.optimizer, grads, lr_multiplier, momentum, consume=True)
 
-    def state(self) -> dict[str, np.ndarray]:
-        from .optimizer_state import optimizer_state
+    def save_state(self, path: Path) -> None:
+        from .optimizer_state import save_optimizer_state
 
-        return optimizer_state(self.model, self.optimizer)
+        save_optimizer_state(path, self.model, self.optimizer)
 
-    def restore(self, state: dict[str, np.ndarray]) -> None:
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
         from .optimizer_state import load_optimizer_state
 
         load_optimizer_state(self.model, self.optimizer, state)
@@ -170,20 +173,33 @@ def _check_method(args: argparse.Namespace, backend: str, quantized: bool) -> No
     """Refuse what the chosen method cannot do (before the load when the options tell, else after)."""
     if args.lora_rank <= 0 and quantized:
         raise NanochatError("full fine-tuning needs unquantized weights: drop --quantize, or use --lora-rank")
-    if args.lora_rank > 0 and backend == "torch":
-        raise NanochatError("LoRA runs on the MLX backend only for now: add --backend mlx")
+    if args.lora_rank > 0 and backend == "torch" and quantized:
+        raise NanochatError("torch LoRA needs unquantized weights: drop --quantize (QLoRA runs on --backend mlx)")
 
 
 def _trainer(loaded: LoadedModel, args: argparse.Namespace):
     _check_method(args, loaded.backend, bool(loaded.quantization))
     if args.lora_rank <= 0:
         return FullTrainer(loaded.model, args)
-    from .lora import LoRATrainer, apply_lora
-
-    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+    lora = _lora(loaded)
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    apply_lora(loaded.model, args.lora_rank, alpha, args.lora_layers, targets, args.seed)
-    return LoRATrainer(loaded.model, args.lr, weight_decay=0.0)
+    lora.apply_lora(loaded.model, args.lora_rank, _lora_alpha(args), args.lora_layers, targets, args.seed)
+    return lora.LoRATrainer(loaded.model, args.lr, weight_decay=0.0)
+
+
+def _lora(loaded: LoadedModel) -> ModuleType:
+    """The LoRA module of the model's backend (the adapters and their file are the same in both)."""
+    if loaded.backend == "torch":
+        from . import torch_lora
+
+        return torch_lora
+    from . import lora
+
+    return lora
+
+
+def _lora_alpha(args: argparse.Namespace) -> float:
+    return args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
 
 
 class Progress:
@@ -240,11 +256,10 @@ def _save(directory: Path, step: int, loaded: LoadedModel, trainer, plan: Plan, 
     args = plan.args
     config = {k: v for k, v in vars(args).items() if k not in ("resume",)}
     if plan.lora:
-        from .lora import save_adapters
+        from .lora_spec import save_adapters
 
         directory.mkdir(parents=True, exist_ok=True)
-        save_adapters(directory, loaded.model, {"step": step, **config})
-        np.savez(directory / f"optimizer_{step:06d}.npz", **trainer.state())
+        save_adapters(directory, _lora(loaded).adapter_arrays(loaded.model), {"step": step, **config})
     else:
         save_checkpoint(directory, step, loaded.model, loaded.tokenizer, run.get("val_bpb"), config)
         meta = directory / f"meta_{step:06d}.json"
@@ -253,17 +268,17 @@ def _save(directory: Path, step: int, loaded: LoadedModel, trainer, plan: Plan, 
                  "total_batch_size": args.batch_tokens}  # fmt: skip
         written = json.loads(meta.read_text())
         meta.write_text(json.dumps({**written, **batch, "val_loss": run.get("val_loss")}, indent=2) + "\n")
-        np.savez(directory / f"optimizer_{step:06d}.npz", **trainer.state())
+    trainer.save_state(directory / f"optimizer_{step:06d}.npz")
     state = {"step": step, "args": config, "data": packer.state(), "run": run}
     _state_path(directory, step).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
 
 def _fuse(directory: Path, step: int, loaded: LoadedModel, args: argparse.Namespace, run: dict) -> None:
     from . import save_checkpoint
-    from .lora import fuse
+    from .lora_spec import fuse
 
-    base = load_model(LoadOptions(args.source, args.step, args.arch, "float32", None, "mlx"))
-    fuse(base.model, loaded.model)
+    base = load_model(LoadOptions(args.source, args.step, args.arch, "float32", None, loaded.backend))
+    fuse(base.model, _lora(loaded).adapter_arrays(loaded.model), _lora_alpha(args) / args.lora_rank)
     save_checkpoint(directory, step, base.model, base.tokenizer, run.get("val_bpb"), vars(args))
 
 
@@ -340,10 +355,9 @@ def main(argv: list[str]) -> int:
         step, run = state["step"], state["run"]
         packer.restore(state["data"])
         if args.lora_rank:
-            from .lora import load_adapters
-
-            load_adapters(out, loaded.model)
-        trainer.restore(dict(np.load(out / f"optimizer_{step:06d}.npz")))
+            _lora(loaded).load_adapters(out, loaded.model)
+        with np.load(out / f"optimizer_{step:06d}.npz") as saved:
+            trainer.restore(saved)
     progress.note(
         f"{loaded.description}\n{len(train.examples):,} examples ({train.n_tokens:,} tokens) from {train.path}; "
         f"{plan.rows_per_step} rows x {args.max_seq_len} tokens a step, {plan.micro_batches} micro-batches of "
@@ -359,6 +373,31 @@ def main(argv: list[str]) -> int:
 def _report_skipped(dataset: Dataset | None, progress: Progress) -> None:
     if dataset is not None and dataset.skipped:
         progress.note(f"note: skipped {len(dataset.skipped)} bad line(s); the first: {dataset.skipped[0]}")
+
+
+def _gradients(plan: Plan, world: World, trainer, rows: list) -> tuple[float, dict[str, np.ndarray | RowGrad]]:
+    """One step's mean loss and gradients: this process's micro-batches, summed over the processes."""
+    total_loss, total = 0.0, {}
+    rows_micro = plan.args.device_batch_size
+    for m in range(world.rank, plan.micro_batches, world.size):
+        x, y = batch_arrays(rows[m * rows_micro : (m + 1) * rows_micro])
+        loss, grads = trainer.loss_and_grads(x, y)
+        total_loss += loss
+        # Summed in place in float32 (the processes' sum is a float32 message anyway): a d20
+        # model's dense gradients are 2 GB, and every extra copy of them is memory the run lacks.
+        for name, g in grads.items():
+            if name in total:
+                total[name] += g
+            else:
+                total[name] = g if isinstance(g, RowGrad) else g.astype(np.float32, copy=False)
+        del grads, g  # before the next micro-batch's backward
+    total["__loss__"] = np.array([total_loss])
+    grads = sum_arrays(world, total)
+    loss = float(grads.pop("__loss__")[0]) / plan.micro_batches
+    for g in grads.values():
+        values = g.values if isinstance(g, RowGrad) else g
+        values /= plan.micro_batches
+    return loss, grads
 
 
 def _train(plan: Plan, loaded, trainer, packer, val, world: World, progress: Progress, step: int, run, out) -> None:
@@ -396,30 +435,14 @@ def _train(plan: Plan, loaded, trainer, packer, val, world: World, progress: Pro
     while not done():
         t0 = time.perf_counter()
         rows = packer.rows(plan.rows_per_step)
-        total_loss, total = 0.0, {}
-        for m in range(world.rank, plan.micro_batches, world.size):
-            x, y = batch_arrays(rows[m * rows_micro : (m + 1) * rows_micro])
-            loss, grads = trainer.loss_and_grads(x, y)
-            total_loss += loss
-            # Summed in place in float32 (the processes' sum is a float32 message anyway): a d20 g9
-            # model's gradients are 3.6 GB, and every extra copy of them is memory the run lacks.
-            for name, g in grads.items():
-                if name in total:
-                    total[name] += g
-                else:
-                    total[name] = g.astype(np.float32, copy=False)
-        total["__loss__"] = np.array([total_loss])
-        total = sum_arrays(world, total)
-        loss = float(total.pop("__loss__")[0]) / plan.micro_batches
-        grads = total
-        for g in grads.values():
-            g /= plan.micro_batches
+        loss, grads = _gradients(plan, world, trainer, rows)
         fraction = step / args.steps if args.steps > 0 else min(packer.epochs_done / args.epochs, 1.0)
         lrm = schedule(fraction)
         if plan.lora:
             trainer.apply(grads, lrm)
         else:
             trainer.apply(grads, lrm, muon_momentum(step))
+        del grads  # (applied, and emptied by a full trainer) before the next step's backward
         step += 1
         dt = time.perf_counter() - t0
         tok_per_s = args.batch_tokens / dt
