@@ -23,6 +23,7 @@ from ...errors import NanochatError
 from ...rope import rotary_inv_freq, rotary_tables
 from ...weights import canonical_name, release_pages
 from .cache import KVCache, SmearMemory, WindowKVCache, causal_mask
+from .lanes import SERIAL, Lanes, device_lanes
 
 
 def rms_norm(x: mx.array) -> mx.array:
@@ -43,8 +44,8 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
         self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.c_proj(nn.relu2(self.c_fc(x)))  # relu(x)^2 as one compiled kernel
+    def __call__(self, x: mx.array, lanes: Lanes) -> mx.array:
+        return lanes(self.c_proj, nn.relu2(lanes(self.c_fc, x)))  # relu(x)^2 as one compiled kernel
 
 
 class Attention(nn.Module):
@@ -62,11 +63,11 @@ class Attention(nn.Module):
         # q and k are each scaled by qk_scale after QK-norm (g8/g9): fold both into SDPA's scale.
         self._scale = spec.qk_scale**2 / math.sqrt(self.head_dim)
 
-    def __call__(self, x, ve, rotate, mask, cache) -> mx.array:
+    def __call__(self, x, ve, rotate, mask, cache, lanes: Lanes) -> mx.array:
         B, T, _ = x.shape
-        q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
+        q = lanes(self.c_q, x).reshape(B, T, self.n_head, self.head_dim)
+        k = lanes(self.c_k, x).reshape(B, T, self.n_kv_head, self.head_dim)
+        v = lanes(self.c_v, x).reshape(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
             gate = self._ve_scale * mx.sigmoid(self.ve_gate(x[..., : self._ve_channels]))
             v = v + gate[..., None] * ve.reshape(B, T, self.n_kv_head, self.head_dim)
@@ -84,7 +85,7 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self._scale, mask=mask)
-        return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return lanes(self.c_proj, y.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
 class Block(nn.Module):
@@ -93,9 +94,9 @@ class Block(nn.Module):
         self.attn = Attention(config, spec, has_ve)
         self.mlp = MLP(config.n_embd)
 
-    def __call__(self, x, ve, rotate, mask, cache) -> mx.array:
-        x = x + self.attn(rms_norm(x), ve, rotate, mask, cache)
-        return x + self.mlp(rms_norm(x))
+    def __call__(self, x, ve, rotate, mask, cache, lanes: Lanes) -> mx.array:
+        x = x + self.attn(rms_norm(x), ve, rotate, mask, cache, lanes)
+        return x + self.mlp(rms_norm(x), lanes)
 
 
 class Transformer(nn.Module):
@@ -228,7 +229,12 @@ class GPT(nn.Module):
         return self._trunk(ids, x, rotate, [None] * n_layer, layer_caches, False)[:, -1]
 
     def _trunk(self, inputs, x, rotate, masks, layer_caches, last_only: bool) -> mx.array:
-        """The blocks, backout, final norm, head and softcap on the normed (smeared) embedding ``x``."""
+        """The blocks, backout, final norm, head and softcap on the normed (smeared) embedding ``x``.
+
+        Inference (with caches) splits the matrix products over the device's lanes; training and
+        teacher-forced passes (no cache) run them whole, so their gradients stay whole too.
+        """
+        lanes = device_lanes() if layer_caches[0] is not None else SERIAL
         n_layer = self.config.n_layer
         x0 = x
         x_mid = None
@@ -236,14 +242,14 @@ class GPT(nn.Module):
             if self.spec.lambdas:
                 x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
             ve = self.value_embeds[i](inputs).astype(x.dtype) if self.value_embeds[i] is not None else None
-            x = block(x, ve, rotate, masks[i], layer_caches[i])
+            x = block(x, ve, rotate, masks[i], layer_caches[i], lanes)
             if self.spec.backout and i == n_layer // 2:
                 x_mid = x
         if x_mid is not None:
             x = x - self.backout_lambda.astype(x.dtype) * x_mid
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(rms_norm(x))[..., : self.config.vocab_size].astype(mx.float32)
+        logits = lanes(self.lm_head, rms_norm(x))[..., : self.config.vocab_size].astype(mx.float32)
         cap = self.spec.softcap
         return cap * mx.tanh(logits / cap)
 
