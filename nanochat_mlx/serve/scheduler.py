@@ -3,8 +3,8 @@
 MLX arrays belong to the thread that made them, so the model is loaded, prefilled and decoded on
 this one thread; the web server's event loop only submits jobs and receives their events. A job
 (one request, ``n`` choices) waits in a bounded FIFO queue, is prefilled in chunks (waiting jobs
-first: a burst of requests is admitted together, while the running rows wait at most about
-``PREFILL_SLICE_S`` between two decode steps, so a long prompt never stalls them for long), then
+first: a burst of requests is admitted together, while a long prompt stalls the running rows
+for at most about ``PREFILL_SLICE_S`` between two decode steps), then
 joins the batch as ``n`` rows; each row leaves the batch the step it stops, and the next waiting
 job takes its place.
 Each row keeps its own one-row cache, so rows of different lengths, sliding windows and smear
@@ -32,7 +32,7 @@ from .prompt_cache import PromptCache
 GREEDY = SamplingParams(temperature=0.0, top_k=None)
 
 PREFILL_CHUNK = 128  # prompt tokens a prefill step runs
-PREFILL_SLICE_S = 2.0  # prefill time between two decode steps while rows are decoding (at least)
+PREFILL_SLICE_S = 0.5  # prefill time between two decode steps, per job waiting, while rows are decoding
 
 
 class QueueFull(Exception):
@@ -217,15 +217,18 @@ class Scheduler:
             return self._prefilling
 
     def _prefill_slice(self) -> None:
-        """Prefill waiting jobs, in order, between two decode steps: for PREFILL_SLICE_S, or as long
-        as the last decode step took if that was longer.
+        """Prefill waiting jobs, in order, between two decode steps: for PREFILL_SLICE_S (or as long
+        as the last decode step took, if longer) for each job waiting that fits in the batch.
 
         New requests get their first token soon (prefill first, as most servers schedule): a burst
         of short prompts is admitted in one slice rather than one job per decode step, which on a
-        slow device left the last of them waiting through many steps of a growing batch. The
-        running rows never wait longer than the slice and one chunk.
+        slow device left the last of them waiting through many steps of a growing batch. A single
+        long prompt is prefilled a slice at a time, so the running rows keep decoding meanwhile.
         """
-        deadline = time.perf_counter() + max(PREFILL_SLICE_S, self._step_s)
+        with self._lock:
+            waiting = len(self._waiting) + (self._prefilling is not None)
+        jobs = max(1, min(waiting, self.max_rows - len(self._rows)))
+        deadline = time.perf_counter() + max(PREFILL_SLICE_S, self._step_s) * jobs
         while (job := self._admit()) is not None:
             self._prefill_step(job)
             if self._rows and time.perf_counter() >= deadline:
