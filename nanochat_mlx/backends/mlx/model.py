@@ -88,6 +88,19 @@ class Attention(nn.Module):
         return lanes(self.c_proj, y.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
+class _Slot:
+    """One layer's cache inside the compiled decode step: the new key and value are written into
+    the whole buffers at ``index`` (a graph input), and a mask shows attention the valid entries."""
+
+    def __init__(self, keys: mx.array, values: mx.array, index: mx.array) -> None:
+        self.keys, self.values, self.index = keys, values, index
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys = mx.slice_update(self.keys, keys, self.index, axes=(2,))
+        self.values = mx.slice_update(self.values, values, self.index, axes=(2,))
+        return self.keys, self.values
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, spec: ArchSpec, has_ve: bool) -> None:
         super().__init__()
@@ -132,6 +145,7 @@ class GPT(nn.Module):
         if spec.backout:
             self.backout_lambda = mx.zeros((1,))
         self.window_sizes = config.window_sizes(spec)
+        self._compiled_decode = None  # made on the first decode step (see decode)
         # Underscore names keep these out of parameters() (they are never saved).
         if spec.rope_table_bf16:  # g1-g6: bf16-rounded tables that no fused kernel reproduces
             cos, sin = rotary_tables(config.head_dim, config.rope_len, spec.rope_base, bf16=True)
@@ -204,6 +218,50 @@ class GPT(nn.Module):
             x = self._smear(x, cache[n_layer] if cache is not None else None)
         masks = [self._mask(i, T, c) for i, c in enumerate(layer_caches)]
         return self._trunk(inputs, x, self._rotation(offset, T), masks, layer_caches, last_only)
+
+    def decode(self, inputs: mx.array, cache: list[Any]) -> mx.array:
+        """One decode step of ``inputs`` (B,) on ``cache``: logits (B, V), as ``self(inputs[:, None], cache)``.
+
+        The step is one compiled graph (``mx.compile``: traced once per buffer size, elementwise
+        chains fused, no per-token graph building) whose state is the caches' whole buffers, written
+        at a slot index and masked to their valid entries, so every step has the same shapes. A
+        step where a buffer must grow first (every 256 positions) runs uncompiled.
+        """
+        n_layer = self.config.n_layer
+        layers = cache[:n_layer]
+        slots = [c.slot() for c in layers]
+        smear = [cache[n_layer].prev] if self.spec.smear else []
+        if any(s is None for s in slots + smear):
+            return self(inputs[:, None], cache=cache)[:, -1]
+        offset = layers[0].offset
+        self.config.check_context(offset + 1)
+        if self._compiled_decode is None:
+            self._compiled_decode = mx.compile(self._decode_graph, inputs=self.state)
+        state = [
+            [c.keys, c.values, mx.array([i], mx.int32), mx.array([v], mx.int32)]
+            for c, (i, v) in zip(layers, slots, strict=True)
+        ]
+        positions = mx.full((inputs.shape[0],), offset, mx.int32)
+        logits, buffers, smear = self._compiled_decode(inputs[:, None], positions, state, smear)
+        for c, (keys, values) in zip(layers, buffers, strict=True):
+            c.keys, c.values = keys, values
+            c.advance()
+        if self.spec.smear:
+            cache[n_layer].prev = smear[0]
+        return logits
+
+    def _decode_graph(self, inputs: mx.array, positions: mx.array, state: list, smear: list) -> tuple:
+        """The traced decode step: ``state`` holds each layer's [keys, values, slot index, valid entries]."""
+        slots = [_Slot(keys, values, index) for keys, values, index, _ in state]
+        masks = [(mx.arange(keys.shape[2]) < visible).reshape(1, 1, 1, -1) for keys, _, _, visible in state]
+        x = rms_norm(self.transformer.wte(inputs).astype(self.dtype))
+        if self.spec.smear:
+            memory = SmearMemory()
+            memory.prev = smear[0]
+            x = self._smear(x, memory)
+            smear = [memory.prev]
+        logits = self._trunk(inputs, x, self._rotation(positions, 1), masks, slots, False)[:, -1]
+        return logits, [[s.keys, s.values] for s in slots], smear
 
     def decode_rows(self, inputs: mx.array, rows: list[list[Any]]) -> mx.array:
         """One decode step of B independent rows: ``inputs`` (B,), ``rows[b]`` row b's one-row cache.
