@@ -38,6 +38,10 @@ class ScriptedModel(nn.Module):
     def make_cache(self) -> list[KVCache]:
         return [KVCache()]
 
+    def decode(self, inputs: mx.array, cache: list) -> mx.array:
+        """One decode step, as ``GPT.decode``."""
+        return self(inputs[:, None], cache=cache)[:, -1]
+
     def decode_rows(self, inputs: mx.array, rows: list) -> mx.array:
         """The batched decode step of the server's scheduler: each row continues its own script."""
         return mx.concatenate([self(inputs[i : i + 1, None], cache=row)[:, -1] for i, row in enumerate(rows)])

@@ -1,4 +1,5 @@
-"""The server's scheduler and prompt cache, in process: tool calls, prefix reuse, eviction.
+"""The server's scheduler and prompt cache, in process: tool calls, prefix reuse, eviction, and
+the scheduling itself (bursts admitted together; MLX's steps scheduled ahead of reading them).
 
 The scheduler runs its real model thread over a real engine; the tool-call tests replace only the
 network by the scripted model (as the engine's tests do) so that a calculator call can be staged.
@@ -7,6 +8,8 @@ network by the scripted model (as the engine's tests do) so that a calculator ca
 from __future__ import annotations
 
 import queue
+import threading
+import time
 
 import pytest
 from conftest import variant_dir
@@ -38,6 +41,87 @@ def run_job(engine: Engine, tokens: list[int], params=GREEDY, **kw) -> list:
         return out
     finally:
         scheduler.stop()
+
+
+class Collector:
+    """A job's events as the model thread delivers them; ``done`` once the job is over."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+        self.delta_times: list[float] = []  # when each Delta was delivered
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        if event is None:
+            self.done.set()
+        else:
+            self.events.append(event)
+            if isinstance(event, Delta):
+                self.delta_times.append(time.perf_counter())
+
+    def tokens(self) -> list[int]:
+        return [t for e in self.events if isinstance(e, Delta) for t in e.tokens]
+
+
+def run_together(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> list[Collector]:
+    """Submit every job at once to one fresh scheduler; each job's events."""
+    sinks = [Collector() for _ in jobs]
+    scheduler = Scheduler(lambda: engine)
+    scheduler.start()
+    try:
+        for (tokens, params), sink in zip(jobs, sinks, strict=True):
+            scheduler.submit(Job(tokens, params, sink, ignore_eos=True))
+        for sink in sinks:
+            assert sink.done.wait(60)
+        return sinks
+    finally:
+        scheduler.stop()
+
+
+def test_a_burst_of_requests_is_admitted_before_the_batch_decodes(g1):
+    engine = Engine(*g1)
+    bos = engine.tokenizer.get_bos_token_id()
+    jobs = [([bos, *range(100 + 7 * i, 110 + 7 * i)], GREEDY.with_(max_tokens=8)) for i in range(4)]
+    sinks = run_together(engine, jobs)
+    # Every job's first token came before any job's second: all were prefilled, then decoded together.
+    assert max(s.delta_times[0] for s in sinks) < min(s.delta_times[1] for s in sinks)
+
+
+def test_seeded_sampling_with_a_penalty_is_the_same_alone_and_in_a_batch(g1):
+    engine = Engine(*g1)
+    bos = engine.tokenizer.get_bos_token_id()
+    sampled = SamplingParams(temperature=1.0, top_k=50, seed=7, repetition_penalty=1.3, max_tokens=24)
+    target = ([bos, 300, 301, 302], sampled)
+    others = [([bos, *range(40 + 9 * i, 52 + 9 * i)], GREEDY.with_(max_tokens=16 + 4 * i)) for i in range(3)]
+    alone = run_together(engine, [target])[0].tokens()
+    together = run_together(engine, [*others, target])[-1].tokens()
+    assert len(alone) == 24 and together == alone
+
+
+def test_a_row_cancelled_mid_stream_leaves_a_prompt_cache_entry_that_continues_correctly(g1):
+    engine = Engine(*g1)
+    prompt = [engine.tokenizer.get_bos_token_id(), *range(200, 220)]
+    solo = run_together(engine, [(prompt, GREEDY.with_(max_tokens=24))])[0].tokens()
+    scheduler = Scheduler(lambda: engine)
+    scheduler.start()
+    try:
+        streamed = Collector()
+        job = Job(prompt, GREEDY.with_(max_tokens=600), streamed, ignore_eos=True)
+        scheduler.submit(job)
+        while len(streamed.tokens()) < 6:
+            time.sleep(0.001)
+        job.cancel()
+        assert streamed.done.wait(60)
+        got = streamed.tokens()
+        assert got == solo[: len(got)]
+        resumed = Collector()
+        scheduler.submit(Job(prompt + got[:4], GREEDY.with_(max_tokens=10), resumed, ignore_eos=True))
+        assert resumed.done.wait(60)
+    finally:
+        scheduler.stop()
+    started = next(e for e in resumed.events if isinstance(e, Started))
+    assert started.cached_tokens > len(prompt)  # the cancelled row's cache was reused
+    assert resumed.tokens() == solo[4:14]
 
 
 def test_a_calculator_call_streams_the_cli_text_and_the_call(g1):

@@ -3,11 +3,16 @@
 MLX arrays belong to the thread that made them, so the model is loaded, prefilled and decoded on
 this one thread; the web server's event loop only submits jobs and receives their events. A job
 (one request, ``n`` choices) waits in a bounded FIFO queue, is prefilled in chunks (waiting jobs
-first, for at most about half a second between two decode steps, so a long prompt never stalls
-the running rows for long), then joins the batch as ``n`` rows; each row leaves the batch the
-step it stops, and the next waiting job takes its place.
+first: a burst of requests is admitted together, while a long prompt stalls the running rows
+for at most about ``PREFILL_SLICE_S`` between two decode steps), then
+joins the batch as ``n`` rows; each row leaves the batch the step it stops, and the next waiting
+job takes its place.
 Each row keeps its own one-row cache, so rows of different lengths, sliding windows and smear
 states decode in one step (``runner.decode_rows``) exactly as they would alone.
+
+On a lazily evaluated backend (MLX, ``runner.pipelined``) the next decode step is scheduled on
+the still-unread sampled tokens before this step's tokens are read back and streamed, as
+mlx-lm's generators do: detokenizing and sending overlap the model's work instead of adding to it.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from .prompt_cache import PromptCache
 GREEDY = SamplingParams(temperature=0.0, top_k=None)
 
 PREFILL_CHUNK = 128  # prompt tokens a prefill step runs
-PREFILL_SLICE_S = 0.5  # prefill time between two decode steps while rows are decoding
+PREFILL_SLICE_S = 0.5  # prefill time between two decode steps, per job waiting, while rows are decoding
 
 
 class QueueFull(Exception):
@@ -86,7 +91,7 @@ class Job:
         self.cancelled = True
 
 
-@dataclass
+@dataclass(eq=False)  # a row is itself: compared and hashed by identity
 class _BatchRow:
     job: Job
     index: int
@@ -94,9 +99,23 @@ class _BatchRow:
     state: RowState
     sampler: Sampler | None  # None: greedy without a penalty, sampled with the whole batch at once
     max_tokens: int
-    fed: list[int]  # the tokens the cache holds, in order
+    fed: list[int]  # the tokens the cache holds, in order (a step in flight: all but its input)
     generated: int = 0
-    next_token: int = -1
+    next_token: int = -1  # the token to feed next, once the step in flight (if any) is read
+
+
+@dataclass
+class _Step:
+    """A decode step handed to the model (on MLX possibly still computing): its rows and each
+    row's sampled id, not read back yet."""
+
+    rows: list[_BatchRow]
+    greedy: Any  # (B,) ids of the greedy rows' argmax, or None
+    sampled: list[Any]  # per row: its own sampler's (1,) ids, or None (greedy)
+
+    def lazy_id(self, i: int) -> Any:
+        """Row i's sampled id as a device scalar (fed to the next step without reading it)."""
+        return self.greedy[i] if self.sampled[i] is None else self.sampled[i][0]
 
 
 class Scheduler:
@@ -124,6 +143,7 @@ class Scheduler:
         self.peak_rows = 0  # the most rows one decode step has run
         self.cancelled_rows = 0  # rows stopped because their client went away
         self._step_s = 0.0  # how long the last decode step took
+        self._ahead: _Step | None = None  # a step scheduled before the last one was read back
         self._thread = threading.Thread(target=self._run, name="nanochat-model", daemon=True)
         self.prompt_cache: PromptCache | None = None
 
@@ -179,6 +199,8 @@ class Scheduler:
                 if self._stopping:
                     return
             try:
+                if self._ahead is not None and (not self._rows or self._prefill_due()):
+                    self._flush()
                 self._prefill_slice()
                 if self._rows:
                     self._decode_step()
@@ -195,14 +217,18 @@ class Scheduler:
             return self._prefilling
 
     def _prefill_slice(self) -> None:
-        """Prefill waiting jobs, in order, between two decode steps: for PREFILL_SLICE_S, or as long
-        as the last decode step took if that was longer.
+        """Prefill waiting jobs, in order, between two decode steps: for PREFILL_SLICE_S (or as long
+        as the last decode step took, if longer) for each job waiting that fits in the batch.
 
-        New requests get their first token soon (prefill first, as most servers schedule), while
-        the running rows never wait longer than the slice and one chunk. Where a decode step of the
-        whole batch is slow, prefill gets as much time as decode, not a sliver of it.
+        New requests get their first token soon (prefill first, as most servers schedule): a burst
+        of short prompts is admitted in one slice rather than one job per decode step, which on a
+        slow device left the last of them waiting through many steps of a growing batch. A single
+        long prompt is prefilled a slice at a time, so the running rows keep decoding meanwhile.
         """
-        deadline = time.perf_counter() + max(PREFILL_SLICE_S, self._step_s)
+        with self._lock:
+            waiting = len(self._waiting) + (self._prefilling is not None)
+        jobs = max(1, min(waiting, self.max_rows - len(self._rows)))
+        deadline = time.perf_counter() + max(PREFILL_SLICE_S, self._step_s) * jobs
         while (job := self._admit()) is not None:
             self._prefill_step(job)
             if self._rows and time.perf_counter() >= deadline:
@@ -249,26 +275,83 @@ class Scheduler:
             self._advance(row, greedy_id if row.sampler is None else runner.to_list(row.sampler(logits))[0], 1)
 
     def _decode_step(self) -> None:
-        """Feed every row its last token in one batched step, sample each row, advance them."""
-        runner = self.engine.runner
+        """Feed every row its last token in one batched step, sample each row, advance them.
+
+        With a pipelined runner the following step is scheduled first, on this step's unread ids,
+        unless a prefill slice comes next or a tool's output must be fed instead. Rows certain to
+        stop on this step (their token limit) are left out of it; a row stopped by a stop token
+        still ran one step more, whose result is dropped.
+        """
         for row in [r for r in self._rows if r.job.cancelled]:
             self._finish(row, None)
-        rows = list(self._rows)
-        if not rows:
-            return
-        self.peak_rows = max(self.peak_rows, len(rows))
+        step, self._ahead = self._ahead, None
+        if step is None:
+            if not self._rows:
+                return
+            step = self._dispatch(list(self._rows), None)
         began = time.perf_counter()
-        logits = runner.decode_rows([r.next_token for r in rows], [r.cache for r in rows])
+        if self.engine.runner.pipelined and not self._prefill_due() and not any(r.state.forced for r in self._rows):
+            running = set(self._rows)
+            ahead = [r for r in step.rows if r in running and r.generated + 1 < r.max_tokens]
+            joined = [r for r in self._rows if r not in set(step.rows)]  # prefilled while the step ran
+            if ahead or joined:
+                self._ahead = self._dispatch(ahead + joined, step)
+        self._read(step)
+        self._step_s = time.perf_counter() - began
+
+    def _flush(self) -> None:
+        """Read back the step scheduled ahead (before a prefill slice, so its tokens are not held)."""
+        step, self._ahead = self._ahead, None
+        if step is not None:
+            self._read(step)
+
+    def _prefill_due(self) -> bool:
+        """Whether a waiting job would be prefilled before the next decode step."""
+        with self._lock:
+            head = self._waiting[0] if self._waiting else None
+            return self._prefilling is not None or (head is not None and len(self._rows) + head.n <= self.max_rows)
+
+    def _dispatch(self, rows: list[_BatchRow], previous: _Step | None) -> _Step:
+        """Run one decode step of ``rows``: a row of ``previous`` is fed its id from that step
+        (unread), any other row its ``next_token``. Returns the step, its ids not read back."""
+        runner = self.engine.runner
+        index = {r: i for i, r in enumerate(previous.rows)} if previous is not None else {}
+        inputs = []
         for r in rows:
-            r.fed.append(r.next_token)
-        greedy = runner.to_list(self._greedy(logits)) if any(r.sampler is None for r in rows) else None
-        for i, row in enumerate(rows):
-            token = greedy[i] if row.sampler is None else runner.to_list(row.sampler(logits[i : i + 1]))[0]
+            if r in index:
+                inputs.append(previous.lazy_id(index[r]))
+                column = previous.sampled[index[r]]  # None for a greedy row (no sampler)
+            else:
+                inputs.append(r.next_token)
+                r.fed.append(r.next_token)
+                column = runner.tokens([r.next_token]) if r.sampler is not None else None
+            if r.sampler is not None:
+                r.sampler.push(column)
+        self.peak_rows = max(self.peak_rows, len(rows))
+        logits = runner.decode_rows(inputs, [r.cache for r in rows])
+        greedy = self._greedy(logits) if any(r.sampler is None for r in rows) else None
+        sampled = [None if r.sampler is None else r.sampler(logits[i : i + 1]) for i, r in enumerate(rows)]
+        for ids in [greedy, *sampled]:
+            if ids is not None:
+                runner.schedule(ids)
+        return _Step(rows, greedy, sampled)
+
+    def _read(self, step: _Step) -> None:
+        """Read a step's ids back and advance its rows that are still running."""
+        runner = self.engine.runner
+        greedy = runner.to_list(step.greedy) if step.greedy is not None else None
+        fed_ahead = set(self._ahead.rows) if self._ahead is not None else set()
+        running = set(self._rows)
+        for i, row in enumerate(step.rows):
+            if row not in running:  # stopped, or its client went away, while this step ran
+                continue
+            token = greedy[i] if step.sampled[i] is None else runner.to_list(step.sampled[i])[0]
+            if row in fed_ahead:  # the step scheduled ahead was fed this token
+                row.fed.append(token)
             if row.state.forced:  # the calculator's output replaces the sampled token
                 self._advance(row, row.state.forced.popleft(), 0)
             else:
                 self._advance(row, token, 1)
-        self._step_s = time.perf_counter() - began
 
     def _advance(self, row: _BatchRow, token: int, mask: int) -> None:
         """Apply one token to a row: tool state machine, text, stop tokens and strings, limits."""
@@ -284,8 +367,6 @@ class Scheduler:
             self._finish(row, "length")
         else:
             row.next_token = token
-            if row.sampler is not None:
-                row.sampler.push(self.engine.runner.tokens([token]))
 
     def _finish(self, row: _BatchRow, reason: str | None) -> None:
         """Take a row out of the batch; its cache goes to the prompt cache. ``reason`` None: cancelled."""
@@ -299,8 +380,11 @@ class Scheduler:
             job.sink(Finished(row.index, reason, row.generated))
         else:
             self.cancelled_rows += 1
-        length = self.engine.runner.cache_length(row.cache)
-        self.prompt_cache.store(row.fed[:length], row.cache)
+        runner = self.engine.runner
+        length = runner.cache_length(row.cache)
+        # A row cancelled while a step ran ahead holds one position more than the tokens read back.
+        if length <= len(row.fed) or runner.trim(row.cache, length - len(row.fed)):
+            self.prompt_cache.store(row.fed[: runner.cache_length(row.cache)], row.cache)
         job.rows_left -= 1
         if job.rows_left == 0:
             job.sink(None)
@@ -309,6 +393,7 @@ class Scheduler:
         with self._lock:
             rows, self._rows = self._rows, []
             job, self._prefilling = self._prefilling, None
+        self._ahead = None
         jobs = {id(r.job): r.job for r in rows}
         if job is not None:
             jobs[id(job)] = job

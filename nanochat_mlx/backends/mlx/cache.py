@@ -73,6 +73,17 @@ class KVCache(_Arrays):
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
+    def slot(self) -> tuple[int, int] | None:
+        """Where one more position goes in the buffers and how many entries are then visible;
+        None when the buffers must grow first (an ``update_and_fetch`` step does that)."""
+        if self.keys is None or self.offset >= self.keys.shape[2]:
+            return None
+        return self.offset, self.offset + 1
+
+    def advance(self) -> None:
+        """Account for the position just written at ``slot()``."""
+        self.offset += 1
+
     def make_mask(self, n: int) -> mx.array | str | None:
         if n == 1:
             return None
@@ -115,19 +126,34 @@ class WindowKVCache(_Arrays):
             return a[..., : self._filled, :]
         return mx.concatenate([a[..., self._start : self._filled, :], a[..., : self._start, :]], axis=2)
 
+    def slot(self) -> tuple[int, int] | None:
+        """As ``KVCache.slot``: once full, the oldest entry is overwritten and all w+1 stay visible
+        (attention does not depend on their order)."""
+        if self.keys is None:
+            return None
+        if self._filled == self.size:
+            return self._start, self.size
+        if self._start == 0 and self._filled < self.keys.shape[2]:
+            return self._filled, self._filled + 1
+        return None
+
+    def advance(self) -> None:
+        self.offset += 1
+        if self._filled == self.size:
+            self._start = (self._start + 1) % self.size
+        else:
+            self._filled += 1
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         n = keys.shape[2]
+        slot = self.slot() if n == 1 else None
+        if slot is not None:
+            index, visible = slot
+            self.keys[..., index, :] = keys[..., 0, :]
+            self.values[..., index, :] = values[..., 0, :]
+            self.advance()
+            return self.keys[..., :visible, :], self.values[..., :visible, :]
         self.offset += n
-        if n == 1 and self.keys is not None and self._filled == self.size:  # full: overwrite the oldest
-            self.keys[..., self._start, :] = keys[..., 0, :]
-            self.values[..., self._start, :] = values[..., 0, :]
-            self._start = (self._start + 1) % self.size
-            return self.keys, self.values  # all w+1 keys are visible; their order doesn't matter
-        if n == 1 and self.keys is not None and self._start == 0 and self._filled < self.keys.shape[2]:
-            self.keys[..., self._filled, :] = keys[..., 0, :]
-            self.values[..., self._filled, :] = values[..., 0, :]
-            self._filled += 1
-            return self.keys[..., : self._filled, :], self.values[..., : self._filled, :]
         # A chunk (or a full buffer): the previous `window` keys then the new ones, in order.
         if self.keys is not None:
             keys = mx.concatenate([self._ordered(self.keys)[..., -self.window :, :], keys], axis=2)

@@ -23,6 +23,7 @@ from ...errors import NanochatError
 from ...rope import rotary_inv_freq, rotary_tables
 from ...weights import canonical_name, release_pages
 from .cache import KVCache, SmearMemory, WindowKVCache, causal_mask
+from .lanes import SERIAL, Lanes, device_lanes
 
 
 def rms_norm(x: mx.array) -> mx.array:
@@ -43,8 +44,8 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
         self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.c_proj(nn.relu2(self.c_fc(x)))  # relu(x)^2 as one compiled kernel
+    def __call__(self, x: mx.array, lanes: Lanes) -> mx.array:
+        return lanes(self.c_proj, nn.relu2(lanes(self.c_fc, x)))  # relu(x)^2 as one compiled kernel
 
 
 class Attention(nn.Module):
@@ -62,11 +63,11 @@ class Attention(nn.Module):
         # q and k are each scaled by qk_scale after QK-norm (g8/g9): fold both into SDPA's scale.
         self._scale = spec.qk_scale**2 / math.sqrt(self.head_dim)
 
-    def __call__(self, x, ve, rotate, mask, cache) -> mx.array:
+    def __call__(self, x, ve, rotate, mask, cache, lanes: Lanes) -> mx.array:
         B, T, _ = x.shape
-        q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
+        q = lanes(self.c_q, x).reshape(B, T, self.n_head, self.head_dim)
+        k = lanes(self.c_k, x).reshape(B, T, self.n_kv_head, self.head_dim)
+        v = lanes(self.c_v, x).reshape(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
             gate = self._ve_scale * mx.sigmoid(self.ve_gate(x[..., : self._ve_channels]))
             v = v + gate[..., None] * ve.reshape(B, T, self.n_kv_head, self.head_dim)
@@ -84,7 +85,20 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self._scale, mask=mask)
-        return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return lanes(self.c_proj, y.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class _Slot:
+    """One layer's cache inside the compiled decode step: the new key and value are written into
+    the whole buffers at ``index`` (a graph input), and a mask shows attention the valid entries."""
+
+    def __init__(self, keys: mx.array, values: mx.array, index: mx.array) -> None:
+        self.keys, self.values, self.index = keys, values, index
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys = mx.slice_update(self.keys, keys, self.index, axes=(2,))
+        self.values = mx.slice_update(self.values, values, self.index, axes=(2,))
+        return self.keys, self.values
 
 
 class Block(nn.Module):
@@ -93,9 +107,9 @@ class Block(nn.Module):
         self.attn = Attention(config, spec, has_ve)
         self.mlp = MLP(config.n_embd)
 
-    def __call__(self, x, ve, rotate, mask, cache) -> mx.array:
-        x = x + self.attn(rms_norm(x), ve, rotate, mask, cache)
-        return x + self.mlp(rms_norm(x))
+    def __call__(self, x, ve, rotate, mask, cache, lanes: Lanes) -> mx.array:
+        x = x + self.attn(rms_norm(x), ve, rotate, mask, cache, lanes)
+        return x + self.mlp(rms_norm(x), lanes)
 
 
 class Transformer(nn.Module):
@@ -131,6 +145,7 @@ class GPT(nn.Module):
         if spec.backout:
             self.backout_lambda = mx.zeros((1,))
         self.window_sizes = config.window_sizes(spec)
+        self._compiled_decode = None  # made on the first decode step (see decode)
         # Underscore names keep these out of parameters() (they are never saved).
         if spec.rope_table_bf16:  # g1-g6: bf16-rounded tables that no fused kernel reproduces
             cos, sin = rotary_tables(config.head_dim, config.rope_len, spec.rope_base, bf16=True)
@@ -204,6 +219,50 @@ class GPT(nn.Module):
         masks = [self._mask(i, T, c) for i, c in enumerate(layer_caches)]
         return self._trunk(inputs, x, self._rotation(offset, T), masks, layer_caches, last_only)
 
+    def decode(self, inputs: mx.array, cache: list[Any]) -> mx.array:
+        """One decode step of ``inputs`` (B,) on ``cache``: logits (B, V), as ``self(inputs[:, None], cache)``.
+
+        The step is one compiled graph (``mx.compile``: traced once per buffer size, elementwise
+        chains fused, no per-token graph building) whose state is the caches' whole buffers, written
+        at a slot index and masked to their valid entries, so every step has the same shapes. A
+        step where a buffer must grow first (every 256 positions) runs uncompiled.
+        """
+        n_layer = self.config.n_layer
+        layers = cache[:n_layer]
+        slots = [c.slot() for c in layers]
+        smear = [cache[n_layer].prev] if self.spec.smear else []
+        if any(s is None for s in slots + smear):
+            return self(inputs[:, None], cache=cache)[:, -1]
+        offset = layers[0].offset
+        self.config.check_context(offset + 1)
+        if self._compiled_decode is None:
+            self._compiled_decode = mx.compile(self._decode_graph, inputs=self.state)
+        state = [
+            [c.keys, c.values, mx.array([i], mx.int32), mx.array([v], mx.int32)]
+            for c, (i, v) in zip(layers, slots, strict=True)
+        ]
+        positions = mx.full((inputs.shape[0],), offset, mx.int32)
+        logits, buffers, smear = self._compiled_decode(inputs[:, None], positions, state, smear)
+        for c, (keys, values) in zip(layers, buffers, strict=True):
+            c.keys, c.values = keys, values
+            c.advance()
+        if self.spec.smear:
+            cache[n_layer].prev = smear[0]
+        return logits
+
+    def _decode_graph(self, inputs: mx.array, positions: mx.array, state: list, smear: list) -> tuple:
+        """The traced decode step: ``state`` holds each layer's [keys, values, slot index, valid entries]."""
+        slots = [_Slot(keys, values, index) for keys, values, index, _ in state]
+        masks = [(mx.arange(keys.shape[2]) < visible).reshape(1, 1, 1, -1) for keys, _, _, visible in state]
+        x = rms_norm(self.transformer.wte(inputs).astype(self.dtype))
+        if self.spec.smear:
+            memory = SmearMemory()
+            memory.prev = smear[0]
+            x = self._smear(x, memory)
+            smear = [memory.prev]
+        logits = self._trunk(inputs, x, self._rotation(positions, 1), masks, slots, False)[:, -1]
+        return logits, [[s.keys, s.values] for s in slots], smear
+
     def decode_rows(self, inputs: mx.array, rows: list[list[Any]]) -> mx.array:
         """One decode step of B independent rows: ``inputs`` (B,), ``rows[b]`` row b's one-row cache.
 
@@ -228,7 +287,12 @@ class GPT(nn.Module):
         return self._trunk(ids, x, rotate, [None] * n_layer, layer_caches, False)[:, -1]
 
     def _trunk(self, inputs, x, rotate, masks, layer_caches, last_only: bool) -> mx.array:
-        """The blocks, backout, final norm, head and softcap on the normed (smeared) embedding ``x``."""
+        """The blocks, backout, final norm, head and softcap on the normed (smeared) embedding ``x``.
+
+        Inference (with caches) splits the matrix products over the device's lanes; training and
+        teacher-forced passes (no cache) run them whole, so their gradients stay whole too.
+        """
+        lanes = device_lanes() if layer_caches[0] is not None else SERIAL
         n_layer = self.config.n_layer
         x0 = x
         x_mid = None
@@ -236,14 +300,14 @@ class GPT(nn.Module):
             if self.spec.lambdas:
                 x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
             ve = self.value_embeds[i](inputs).astype(x.dtype) if self.value_embeds[i] is not None else None
-            x = block(x, ve, rotate, masks[i], layer_caches[i])
+            x = block(x, ve, rotate, masks[i], layer_caches[i], lanes)
             if self.spec.backout and i == n_layer // 2:
                 x_mid = x
         if x_mid is not None:
             x = x - self.backout_lambda.astype(x.dtype) * x_mid
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(rms_norm(x))[..., : self.config.vocab_size].astype(mx.float32)
+        logits = lanes(self.lm_head, rms_norm(x))[..., : self.config.vocab_size].astype(mx.float32)
         cap = self.spec.softcap
         return cap * mx.tanh(logits / cap)
 

@@ -36,7 +36,7 @@ class MLXRunner:
         return logits
 
     def decode(self, tokens: mx.array, cache: list) -> mx.array:
-        return self.model(tokens[:, None], cache=cache)[:, -1]
+        return self.model.decode(tokens, cache)
 
     def decode_rows(self, tokens: list[int], caches: list[list]) -> mx.array:
         """One decode step of independent one-row caches at their own positions: logits (B, V)."""
