@@ -58,3 +58,17 @@ def test_the_compiled_decode_step_computes_the_whole_forward_pass(variant):
         np.testing.assert_allclose(np.array(stepped), np.array(whole), atol=2e-5, rtol=0)
         tokens.append(int(mx.argmax(whole, axis=-1).item()))
     assert cache[0].offset == len(tokens) - 1
+
+
+def test_layers_without_a_plain_weight_run_whole():
+    class Wrapped(nn.Module):  # as LoRA wraps a Linear: no ``weight`` of its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(64, 1024, bias=False)
+
+        def __call__(self, x):
+            return self.inner(x)
+
+    layer = Wrapped()
+    x = mx.random.normal((1, 1, 64), key=mx.random.key(2))
+    assert np.array_equal(np.array(Lanes(2)(layer, x)), np.array(layer(x)))

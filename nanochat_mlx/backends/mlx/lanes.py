@@ -36,9 +36,11 @@ class Lanes:
         return max(1, len(self.streams))
 
     def __call__(self, layer: nn.Module, x: mx.array) -> mx.array:
+        if type(layer) is not nn.Linear or "bias" in layer:  # quantized, LoRA and biased layers run whole
+            return layer(x)
         rows = layer.weight.shape[0]
         n = min(len(self.streams), rows // MIN_ROWS)
-        if n < 2 or type(layer) is not nn.Linear or "bias" in layer:  # quantized layers run whole
+        if n < 2:
             return layer(x)
         bounds = [rows * i // n // 16 * 16 for i in range(n)] + [rows]  # blocks of 16: the bf16 kernel's tile
         w = layer.weight
