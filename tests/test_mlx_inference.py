@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -12,6 +14,7 @@ import nanochat_mlx as nc
 from nanochat_mlx.backends.mlx.lanes import Lanes
 from nanochat_mlx.loading import from_checkpoint
 from nanochat_mlx.options import LoadOptions
+from nanochat_mlx.sampling import SamplingParams
 from nanochat_mlx.synthetic import geometry_config, random_checkpoint
 
 
@@ -72,3 +75,20 @@ def test_layers_without_a_plain_weight_run_whole():
     layer = Wrapped()
     x = mx.random.normal((1, 1, 64), key=mx.random.key(2))
     assert np.array_equal(np.array(Lanes(2)(layer, x)), np.array(layer(x)))
+
+
+def test_generation_runs_on_a_new_thread_after_another_thread_used_the_model():
+    # The TUI decodes on a fresh worker thread per reply and MLX streams belong to their thread:
+    # every thread gets its own lanes, and the compiled step still runs there.
+    ckpt = random_checkpoint(geometry_config("d2", "g1", vocab_size=1024, sequence_len=64), arch="g1", seed=2)
+    engine = from_checkpoint(ckpt, LoadOptions(ckpt.name, arch="g1", dtype="float32", backend="mlx")).engine
+    params = SamplingParams(temperature=0.0, top_k=None, max_tokens=6)
+
+    def reply() -> list[int]:
+        return [t for event in engine.generate([1, 5, 9], params, stop_tokens=()) for t in event.tokens]
+
+    replies = [reply()]
+    for _ in range(2):
+        with ThreadPoolExecutor(1) as pool:  # a new thread each time
+            replies.append(pool.submit(reply).result())
+    assert len(replies[0]) == 6 and replies[1] == replies[0] and replies[2] == replies[0]

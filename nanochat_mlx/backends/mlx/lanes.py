@@ -8,8 +8,8 @@ the unsplit product, element for element. On a GPU there is one lane (the GPU is
 
 from __future__ import annotations
 
-import functools
 import os
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -51,11 +51,18 @@ class Lanes:
 SERIAL = Lanes(1)
 
 
+_per_thread = threading.local()
+
+
 def device_lanes() -> Lanes:
-    """The default device's lanes: one per core on the CPU (streams made once per process), one on the GPU."""
-    return SERIAL if mx.default_device() == mx.gpu else _cpu_lanes(min(cpu_cores(), MAX_LANES))
+    """The default device's lanes: one per core on the CPU, one on the GPU.
 
-
-@functools.cache
-def _cpu_lanes(n: int) -> Lanes:
-    return Lanes(n)
+    MLX streams belong to the thread that made them, and the TUI and the server run the model on
+    worker threads (a new one per generation in the TUI), so each thread makes its own streams.
+    """
+    if mx.default_device() == mx.gpu:
+        return SERIAL
+    lanes = getattr(_per_thread, "lanes", None)
+    if lanes is None:
+        lanes = _per_thread.lanes = Lanes(min(cpu_cores(), MAX_LANES))
+    return lanes
