@@ -148,8 +148,12 @@ class MuonAdamW:
         state = self.state.setdefault(
             name, {"step": 0, "exp_avg": k.zeros(p.shape, p), "exp_avg_sq": k.zeros(p.shape, p)}
         )
+        return self._adamw_step(group, state, p, g)
+
+    def _adamw_step(self, group: ParamGroup, state: dict[str, Any], p: Any, g: Any) -> Any:
+        """One AdamW kernel call on ``p`` with ``state``'s moments (replaced) and step count (advanced)."""
         state["step"] += 1
-        p, state["exp_avg"], state["exp_avg_sq"] = k.adamw(
+        p, state["exp_avg"], state["exp_avg_sq"] = self.kernels.adamw(
             p,
             g,
             state["exp_avg"],
@@ -182,19 +186,7 @@ class MuonAdamW:
         values = g.values
         if len(g.rows) < len(rows):
             values = k.put(k.zeros((len(rows), width), values), np.searchsorted(rows, g.rows), values)
-        state["step"] += 1
-        touched, state["exp_avg"], state["exp_avg_sq"] = k.adamw(
-            k.take(p, rows),
-            values,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            step=state["step"],
-            lr=group.lr,
-            beta1=group.betas[0],
-            beta2=group.betas[1],
-            eps=group.eps,
-            weight_decay=group.weight_decay,
-        )
+        touched = self._adamw_step(group, state, k.take(p, rows), values)
         decay = 1 - group.lr * group.weight_decay
         return k.put(p if decay == 1 else k.scale(p, decay), rows, touched)
 
