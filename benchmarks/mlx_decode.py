@@ -19,7 +19,7 @@ import time
 import mlx.core as mx
 
 from nanochat_mlx.backends.mlx.lanes import device_lanes
-from nanochat_mlx.backends.mlx.model import MLX_DTYPES, to_mlx
+from nanochat_mlx.bench.contenders import mlx_lm_model
 from nanochat_mlx.loading import from_checkpoint
 from nanochat_mlx.options import LoadOptions
 from nanochat_mlx.sampling import SamplingParams
@@ -37,28 +37,8 @@ def ours(ckpt, dtype: str, prompt: list[int], n: int):
 
 
 def mlx_lm(ckpt, dtype: str, prompt: list[int], n: int):
-    from mlx_lm.models.nanochat import Model, ModelArgs
-
     generate_step = importlib.import_module("mlx_lm.generate").generate_step
-    c = ckpt.config
-    model = Model(
-        ModelArgs(
-            hidden_size=c.n_embd,
-            num_hidden_layers=c.n_layer,
-            num_attention_heads=c.n_head,
-            num_key_value_heads=c.n_kv_head,
-            vocab_size=c.vocab_size,
-            max_position_embeddings=c.sequence_len,
-            intermediate_size=4 * c.n_embd,
-            rope_theta=ckpt.spec.rope_base,
-        )  # fmt: skip
-    )
-    head = ("transformer.wte.weight", "lm_head.weight")  # mlx-lm has no padded vocabulary
-    weights = [
-        (k, to_mlx(a[: c.vocab_size] if k in head else a).astype(MLX_DTYPES[dtype])) for k, a in ckpt.weights.items()
-    ]
-    model.load_weights(weights, strict=True)
-    mx.eval(model.parameters())
+    model = mlx_lm_model(ckpt, dtype)
     greedy = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
 
     def run() -> list[float]:

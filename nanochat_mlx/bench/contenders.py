@@ -118,36 +118,49 @@ def _mlx_active_memory() -> int:
     return int(mx.get_active_memory())
 
 
-def mlx_lm(ckpt: Checkpoint, dtype: str, quantize: int | None) -> Contender:
-    """mlx-lm's own nanochat model (g1 math) with our weights, driven by ``generate_step``."""
-    import importlib
-
+def mlx_lm_model(ckpt: Checkpoint, dtype: str, quantize: int | None = None) -> Any:
+    """mlx-lm's own nanochat model (g1 math) holding ``ckpt``'s weights (vocabulary padding cut off)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.models.nanochat import Model, ModelArgs
 
     from ..backends.mlx.model import MLX_DTYPES, QUANT_GROUP, quantizable, to_mlx
 
-    generate_step = importlib.import_module("mlx_lm.generate").generate_step
     c = ckpt.config
-    args = ModelArgs(
-        hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-        num_key_value_heads=c.n_kv_head, vocab_size=c.vocab_size, max_position_embeddings=c.sequence_len,
-        intermediate_size=4 * c.n_embd, rope_theta=ckpt.spec.rope_base,
-    )  # fmt: skip
+    model = Model(
+        ModelArgs(
+            hidden_size=c.n_embd,
+            num_hidden_layers=c.n_layer,
+            num_attention_heads=c.n_head,
+            num_key_value_heads=c.n_kv_head,
+            vocab_size=c.vocab_size,
+            max_position_embeddings=c.sequence_len,
+            intermediate_size=4 * c.n_embd,
+            rope_theta=ckpt.spec.rope_base,
+        )  # fmt: skip
+    )
+    weights = []
+    for name, a in ckpt.weights.items():
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            a = a[: c.vocab_size]  # mlx-lm has no padded-vocab support
+        weights.append((name, to_mlx(a).astype(MLX_DTYPES[dtype])))
+    model.load_weights(weights, strict=True)
+    if quantize:
+        nn.quantize(model, group_size=QUANT_GROUP, bits=quantize, class_predicate=quantizable)
+    mx.eval(model.parameters())
+    return model
+
+
+def mlx_lm(ckpt: Checkpoint, dtype: str, quantize: int | None) -> Contender:
+    """mlx-lm's own nanochat model (g1 math) with our weights, driven by ``generate_step``."""
+    import importlib
+
+    import mlx.core as mx
+
+    generate_step = importlib.import_module("mlx_lm.generate").generate_step
 
     def build() -> Any:
-        model = Model(args)
-        weights = []
-        for name, a in ckpt.weights.items():
-            if name in ("transformer.wte.weight", "lm_head.weight"):
-                a = a[: c.vocab_size]  # mlx-lm has no padded-vocab support
-            weights.append((name, to_mlx(a).astype(MLX_DTYPES[dtype])))
-        model.load_weights(weights, strict=True)
-        if quantize:
-            nn.quantize(model, group_size=QUANT_GROUP, bits=quantize, class_predicate=quantizable)
-        mx.eval(model.parameters())
-        return model
+        return mlx_lm_model(ckpt, dtype, quantize)
 
     model, cold, warm = _timed(build)
     held = _mlx_bytes(model)
