@@ -6,6 +6,7 @@ is replaced, so tool calls, stops and UTF-8 splits can be staged exactly.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -42,9 +43,14 @@ class ScriptedModel(nn.Module):
         """One decode step, as ``GPT.decode``."""
         return self(inputs[:, None], cache=cache)[:, -1]
 
-    def decode_rows(self, inputs: mx.array, rows: list) -> mx.array:
-        """The batched decode step of the server's scheduler: each row continues its own script."""
-        return mx.concatenate([self(inputs[i : i + 1, None], cache=row)[:, -1] for i, row in enumerate(rows)])
+    def decode_rows(self, inputs: mx.array, rows: list, lengths: list[int] | None = None) -> mx.array:
+        """The batched step of the server's scheduler: each row continues its own script, fed its
+        ``lengths[b]`` ids of ``inputs`` (a prompt chunk riding along) or one."""
+        ends = list(itertools.accumulate(lengths or [1] * len(rows)))
+        spans = zip([0, *ends], ends, strict=False)
+        return mx.concatenate(
+            [self(inputs[None, a:b], cache=row)[:, -1] for (a, b), row in zip(spans, rows, strict=True)]
+        )
 
     def __call__(self, inputs: mx.array, cache=None, last_only: bool = False) -> mx.array:
         B, T = inputs.shape

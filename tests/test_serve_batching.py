@@ -43,7 +43,9 @@ def solo(runner, prompt: list[int]) -> tuple[list[int], list[np.ndarray]]:
 def runner(request):
     backend, variant = request.param
     model, _ = nc.load(str(variant_dir(variant)), arch=variant_arch(variant), backend=backend)
-    return model.make_runner(), variant
+    runner = model.make_runner()
+    runner.prepare_rows(8)  # as the server does: the few-row kernels measured for its batch
+    return runner, variant
 
 
 def test_rows_joining_at_different_steps_decode_as_they_would_alone(runner):
@@ -89,3 +91,23 @@ def test_a_cloned_cache_continues_independently_of_its_original(runner):
     expected = as_numpy(runner.decode(runner.tokens([token]), reference))[0]
     np.testing.assert_allclose(from_copy, expected, atol=1e-5, rtol=0)
     assert runner.cache_bytes(copy) > 0
+
+
+def test_prompt_chunks_riding_along_decoding_rows_prefill_as_they_would_alone(runner):
+    """A new prompt fed as extra positions of decode steps (in two chunks, the second past g4's
+    window) ends with the logits of a prefill alone, and the decoding rows are unaffected."""
+    runner, variant = runner
+    cases = prompts(variant)
+    decoding, riding = cases[1], max(cases, key=len)
+    cut = len(riding) // 2
+    (rider_tokens, rider_steps), (row_tokens, row_steps) = solo(runner, riding), solo(runner, decoding)
+    row_cache, rider_cache = runner.make_cache(), runner.make_cache()
+    runner.prefill(decoding, row_cache)
+    logits = as_numpy(runner.decode_rows([row_tokens[0], *riding[:cut]], [row_cache, rider_cache], [1, cut]))
+    np.testing.assert_allclose(logits[0], row_steps[1], atol=1e-4, rtol=0)
+    rest = len(riding) - cut
+    logits = as_numpy(runner.decode_rows([row_tokens[1], *riding[cut:]], [row_cache, rider_cache], [1, rest]))
+    np.testing.assert_allclose(logits, np.stack([row_steps[2], rider_steps[0]]), atol=1e-4, rtol=0)
+    assert int(np.argmax(logits[1])) == rider_tokens[0]
+    logits = as_numpy(runner.decode_rows([row_tokens[2], rider_tokens[0]], [row_cache, rider_cache]))
+    np.testing.assert_allclose(logits, np.stack([row_steps[3], rider_steps[1]]), atol=1e-4, rtol=0)

@@ -87,6 +87,35 @@ def test_a_burst_of_requests_is_admitted_before_the_batch_decodes(g1):
     assert max(s.delta_times[0] for s in sinks) < min(s.delta_times[1] for s in sinks)
 
 
+def test_requests_arriving_while_rows_decode_are_prefilled_inside_the_decode_steps(g1, monkeypatch):
+    engine = Engine(*g1)
+    bos = engine.tokenizer.get_bos_token_id()
+    first = ([bos, *range(60, 80)], GREEDY.with_(max_tokens=40))
+    later = [([bos, *range(300 + 11 * i, 330 + 11 * i)], GREEDY.with_(max_tokens=12)) for i in range(2)]
+    alone = [run_together(engine, [job])[0].tokens() for job in [first, *later]]
+    prefills = []
+    real_prefill = engine.runner.prefill
+    monkeypatch.setattr(
+        engine.runner, "prefill", lambda tokens, cache: prefills.append(len(tokens)) or real_prefill(tokens, cache)
+    )
+    scheduler = Scheduler(lambda: engine)
+    scheduler.start()
+    try:
+        sinks = [Collector() for _ in range(3)]
+        scheduler.submit(Job(*first, sinks[0], ignore_eos=True))
+        while len(sinks[0].tokens()) < 3:
+            time.sleep(0.001)
+        for job, sink in zip(later, sinks[1:], strict=True):
+            scheduler.submit(Job(*job, sink, ignore_eos=True))
+        assert all(sink.done.wait(60) for sink in sinks)
+    finally:
+        scheduler.stop()
+    # Only the first prompt ran alone (nothing was decoding); the later ones rode along its steps,
+    # and every reply is what it is alone.
+    assert prefills == [len(first[0])]
+    assert [sink.tokens() for sink in sinks] == alone
+
+
 def test_seeded_sampling_with_a_penalty_is_the_same_alone_and_in_a_batch(g1):
     engine = Engine(*g1)
     bos = engine.tokenizer.get_bos_token_id()

@@ -18,7 +18,13 @@ from conftest import expected_json, expected_npz, run_generation, variant_arch, 
 import nanochat_mlx as nc  # noqa: E402
 from nanochat_mlx import Engine, NanochatError, SamplingParams  # noqa: E402
 from nanochat_mlx.backends.torch.cache import KVCache  # noqa: E402
-from nanochat_mlx.backends.torch.model import TORCH_DTYPES, build_torch_model, default_dtype  # noqa: E402
+from nanochat_mlx.backends.torch.model import (  # noqa: E402
+    BATCH_KERNELS,
+    TORCH_DTYPES,
+    Linear,
+    build_torch_model,
+    default_dtype,
+)
 from nanochat_mlx.backends.torch.runner import TorchRunner  # noqa: E402
 from nanochat_mlx.checkpoint import read_checkpoint  # noqa: E402
 
@@ -85,6 +91,22 @@ def test_every_one_row_kernel_keeps_float32_decode_parity(kernel) -> None:
     rows = [model(ids([tokens[:n]]), cache=cache)[0, -1]]
     rows += [model(ids([[t]]), cache=cache)[0, -1] for t in tokens[n : n + case["decode_steps"]]]
     assert_close(torch.stack(rows), expected[case["prompt"]], f"g9/{case['prompt']} ({kernel})")
+
+
+@pytest.mark.parametrize("rows", [2, 5, 8, 17, 32])
+@pytest.mark.parametrize("kernel", list(BATCH_KERNELS))
+def test_every_few_row_kernel_computes_the_same_product(kernel, rows) -> None:
+    weight, x = torch.randn(2500, 256), torch.randn(1, rows, 256)  # several slices, a shorter last one
+    expected = torch.nn.functional.linear(x, weight)
+    torch.testing.assert_close(BATCH_KERNELS[kernel](weight, x), expected, atol=1e-4, rtol=1e-5)  # sums reordered
+
+
+def test_preparing_for_a_batch_measures_a_few_row_kernel_per_row_count_up_to_it(g1) -> None:
+    model, _ = g1
+    chosen = model.make_runner().prepare_rows(6)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert set(chosen) == {2, 4, 8} and all(set(m.batched) == {2, 4, 8} for m in linears)
+    assert all(kernel in BATCH_KERNELS.values() for m in linears for kernel in m.batched.values())
 
 
 def test_plain_decode_attention_stays_as_close_as_sdpa_in_bfloat16() -> None:

@@ -2,13 +2,17 @@
 
 MLX arrays belong to the thread that made them, so the model is loaded, prefilled and decoded on
 this one thread; the web server's event loop only submits jobs and receives their events. A job
-(one request, ``n`` choices) waits in a bounded FIFO queue, is prefilled in chunks (waiting jobs
-first: a burst of requests is admitted together, while a long prompt stalls the running rows
-for at most about ``PREFILL_SLICE_S`` between two decode steps), then
-joins the batch as ``n`` rows; each row leaves the batch the step it stops, and the next waiting
-job takes its place.
+(one request, ``n`` choices) waits in a bounded FIFO queue, is admitted when its rows fit in the
+batch, is prefilled in chunks, then joins the batch as ``n`` rows; each row leaves the batch the
+step it stops, and the next waiting job takes its place.
 Each row keeps its own one-row cache, so rows of different lengths, sliding windows and smear
 states decode in one step (``runner.decode_rows``) exactly as they would alone.
+
+While rows are decoding, the admitted jobs' prompt chunks ride along in the decode steps (up to
+``PREFILL_CHUNK`` prompt tokens a step, as extra positions of ``decode_rows``): decoding reads
+every weight once a step whatever the row count, so a short prompt is prefilled nearly for free
+and the running rows never stall for a separate prefill. With nothing decoding, the first job is
+prefilled alone; the rest of a burst then rides along its first steps.
 
 On a lazily evaluated backend (MLX, ``runner.pipelined``) the next decode step is scheduled on
 the still-unread sampled tokens before this step's tokens are read back and streamed, as
@@ -18,7 +22,6 @@ mlx-lm's generators do: detokenizing and sending overlap the model's work instea
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +34,7 @@ from .prompt_cache import PromptCache
 
 GREEDY = SamplingParams(temperature=0.0, top_k=None)
 
-PREFILL_CHUNK = 128  # prompt tokens a prefill step runs
-PREFILL_SLICE_S = 0.5  # prefill time between two decode steps, per job waiting, while rows are decoding
+PREFILL_CHUNK = 128  # prompt tokens a prefill step runs (alone, or riding along one decode step)
 
 
 class QueueFull(Exception):
@@ -136,13 +138,12 @@ class Scheduler:
         self.error: str | None = None
         self.ready = threading.Event()
         self._waiting: deque[Job] = deque()
-        self._prefilling: Job | None = None
+        self._prefilling: list[Job] = []  # admitted jobs whose prompts are being prefilled, in order
         self._rows: list[_BatchRow] = []
         self._lock = threading.Condition()
         self._stopping = False
         self.peak_rows = 0  # the most rows one decode step has run
         self.cancelled_rows = 0  # rows stopped because their client went away
-        self._step_s = 0.0  # how long the last decode step took
         self._ahead: _Step | None = None  # a step scheduled before the last one was read back
         self._thread = threading.Thread(target=self._run, name="nanochat-model", daemon=True)
         self.prompt_cache: PromptCache | None = None
@@ -172,7 +173,7 @@ class Scheduler:
                 "running": len(self._rows),
                 "peak_running": self.peak_rows,
                 "cancelled": self.cancelled_rows,
-                "waiting": len(self._waiting) + (self._prefilling is not None),
+                "waiting": len(self._waiting) + len(self._prefilling),
                 "prompt_cache_entries": len(self.prompt_cache) if self.prompt_cache else 0,
                 "prompt_cache_bytes": self.prompt_cache.bytes if self.prompt_cache else 0,
             }
@@ -181,6 +182,7 @@ class Scheduler:
     def _run(self) -> None:
         try:
             self.engine = self._load()
+            self.engine.runner.prepare_rows(self.max_rows)  # still loading: /health says 503
         except NanochatError as e:
             self.error = str(e)
             self.ready.set()
@@ -194,65 +196,73 @@ class Scheduler:
         self.ready.set()
         while True:
             with self._lock:
-                while not self._stopping and not self._rows and not self._waiting and self._prefilling is None:
+                while not self._stopping and not self._rows and not self._waiting and not self._prefilling:
                     self._lock.wait()
                 if self._stopping:
                     return
             try:
                 if self._ahead is not None and (not self._rows or self._prefill_due()):
                     self._flush()
-                self._prefill_slice()
+                self._prefill_alone()
                 if self._rows:
                     self._decode_step()
             except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
                 self._fail_all(f"{type(e).__name__}: {e}")
 
-    def _admit(self) -> Job | None:
-        """The job to prefill: the one under way, else the first waiting one if its rows fit."""
+    def _admit(self) -> list[Job]:
+        """The jobs to prefill: those under way, then waiting ones, in order, while their rows fit."""
         with self._lock:
-            if self._prefilling is None and self._waiting:
-                head = self._waiting[0]
-                if head.cancelled or len(self._rows) + head.n <= self.max_rows:
-                    self._prefilling = self._waiting.popleft()
-            return self._prefilling
+            rows = len(self._rows) + sum(j.n for j in self._prefilling)
+            while self._waiting and (self._waiting[0].cancelled or rows + self._waiting[0].n <= self.max_rows):
+                job = self._waiting.popleft()
+                rows += 0 if job.cancelled else job.n
+                self._prefilling.append(job)
+            return list(self._prefilling)
 
-    def _prefill_slice(self) -> None:
-        """Prefill waiting jobs, in order, between two decode steps: for PREFILL_SLICE_S (or as long
-        as the last decode step took, if longer) for each job waiting that fits in the batch.
+    def _prefill_alone(self) -> None:
+        """With nothing decoding, prefill the first admitted job a chunk at a time until its rows run."""
+        while not self._rows and (jobs := self._admit()):
+            job = jobs[0]
+            if self._begin(job):
+                end = min(len(job.tokens), job.prefilled + PREFILL_CHUNK)
+                logits = self.engine.runner.prefill(job.tokens[job.prefilled : end], job.cache)
+                self._prefilled(job, end - job.prefilled, logits)
 
-        New requests get their first token soon (prefill first, as most servers schedule): a burst
-        of short prompts is admitted in one slice rather than one job per decode step, which on a
-        slow device left the last of them waiting through many steps of a growing batch. A single
-        long prompt is prefilled a slice at a time, so the running rows keep decoding meanwhile.
-        """
-        with self._lock:
-            waiting = len(self._waiting) + (self._prefilling is not None)
-        jobs = max(1, min(waiting, self.max_rows - len(self._rows)))
-        deadline = time.perf_counter() + max(PREFILL_SLICE_S, self._step_s) * jobs
-        while (job := self._admit()) is not None:
-            self._prefill_step(job)
-            if self._rows and time.perf_counter() >= deadline:
-                return
+    def _riders(self) -> list[tuple[Job, list[int]]]:
+        """The admitted jobs' next prompt chunks for one decode step, PREFILL_CHUNK tokens in all."""
+        riders, budget = [], PREFILL_CHUNK
+        for job in self._admit():
+            if budget == 0:
+                break
+            if self._begin(job):
+                chunk = job.tokens[job.prefilled : job.prefilled + budget]
+                riders.append((job, chunk))
+                budget -= len(chunk)
+        return riders
 
-    def _prefill_step(self, job: Job) -> None:
-        """One chunk of the prefilling job's prompt; when it is done, its rows join the batch."""
-        engine = self.engine
-        runner = engine.runner
+    def _begin(self, job: Job) -> bool:
+        """Before a job's first chunk: its prompt-cache prefix; False (the job dropped) if cancelled."""
         if job.cancelled:
-            self._prefilling = None
+            with self._lock:
+                self._prefilling.remove(job)
             job.sink(None)
-            return
+            return False
         if job.cache is None:
             job.cache, job.cached = self.prompt_cache.fetch(job.tokens)
             job.prefilled = job.cached
             job.sink(Started(len(job.tokens), job.cached))
-        end = min(len(job.tokens), job.prefilled + PREFILL_CHUNK)
-        logits = runner.prefill(job.tokens[job.prefilled : end], job.cache)
-        job.prefilled = end
-        if end < len(job.tokens):
+        return True
+
+    def _prefilled(self, job: Job, n: int, logits: Any) -> None:
+        """``n`` more prompt tokens of ``job`` have run (``logits``: the last one's); when that was
+        the whole prompt, its rows join the batch with their first tokens."""
+        job.prefilled += n
+        if job.prefilled < len(job.tokens):
             return
+        engine = self.engine
+        runner = engine.runner
         with self._lock:
-            self._prefilling = None
+            self._prefilling.remove(job)
         max_tokens = min(job.params.max_tokens or engine.context_limit, engine.context_limit - len(job.tokens))
         caches = [job.cache] + [runner.clone_cache(job.cache) for _ in range(job.n - 1)]
         rows = []
@@ -278,9 +288,9 @@ class Scheduler:
         """Feed every row its last token in one batched step, sample each row, advance them.
 
         With a pipelined runner the following step is scheduled first, on this step's unread ids,
-        unless a prefill slice comes next or a tool's output must be fed instead. Rows certain to
-        stop on this step (their token limit) are left out of it; a row stopped by a stop token
-        still ran one step more, whose result is dropped.
+        unless prompt chunks ride along the next one or a tool's output must be fed instead. Rows
+        certain to stop on this step (their token limit) are left out of it; a row stopped by a
+        stop token still ran one step more, whose result is dropped.
         """
         for row in [r for r in self._rows if r.job.cancelled]:
             self._finish(row, None)
@@ -288,8 +298,7 @@ class Scheduler:
         if step is None:
             if not self._rows:
                 return
-            step = self._dispatch(list(self._rows), None)
-        began = time.perf_counter()
+            step = self._dispatch(list(self._rows), None, self._riders())
         if self.engine.runner.pipelined and not self._prefill_due() and not any(r.state.forced for r in self._rows):
             running = set(self._rows)
             ahead = [r for r in step.rows if r in running and r.generated + 1 < r.max_tokens]
@@ -297,23 +306,25 @@ class Scheduler:
             if ahead or joined:
                 self._ahead = self._dispatch(ahead + joined, step)
         self._read(step)
-        self._step_s = time.perf_counter() - began
 
     def _flush(self) -> None:
-        """Read back the step scheduled ahead (before a prefill slice, so its tokens are not held)."""
+        """Read back the step scheduled ahead (before a step that carries prompt chunks)."""
         step, self._ahead = self._ahead, None
         if step is not None:
             self._read(step)
 
     def _prefill_due(self) -> bool:
-        """Whether a waiting job would be prefilled before the next decode step."""
+        """Whether a job's prompt would ride along the next decode step (so none is scheduled ahead)."""
         with self._lock:
             head = self._waiting[0] if self._waiting else None
-            return self._prefilling is not None or (head is not None and len(self._rows) + head.n <= self.max_rows)
+            return bool(self._prefilling) or (head is not None and len(self._rows) + head.n <= self.max_rows)
 
-    def _dispatch(self, rows: list[_BatchRow], previous: _Step | None) -> _Step:
+    def _dispatch(
+        self, rows: list[_BatchRow], previous: _Step | None, riders: list[tuple[Job, list[int]]] = ()
+    ) -> _Step:
         """Run one decode step of ``rows``: a row of ``previous`` is fed its id from that step
-        (unread), any other row its ``next_token``. Returns the step, its ids not read back."""
+        (unread), any other row its ``next_token``; each rider's prompt chunk runs along (a job whose
+        prompt that completes joins the batch). Returns the step, its rows' ids not read back."""
         runner = self.engine.runner
         index = {r: i for i, r in enumerate(previous.rows)} if previous is not None else {}
         inputs = []
@@ -328,7 +339,15 @@ class Scheduler:
             if r.sampler is not None:
                 r.sampler.push(column)
         self.peak_rows = max(self.peak_rows, len(rows))
-        logits = runner.decode_rows(inputs, [r.cache for r in rows])
+        caches = [r.cache for r in rows]
+        if riders:
+            inputs += [t for _, chunk in riders for t in chunk]
+            caches += [job.cache for job, _ in riders]
+        lengths = [1] * len(rows) + [len(chunk) for _, chunk in riders] if riders else None
+        logits = runner.decode_rows(inputs, caches, lengths)
+        for i, (job, chunk) in enumerate(riders, start=len(rows)):
+            self._prefilled(job, len(chunk), logits[i : i + 1])
+        logits = logits[: len(rows)]
         greedy = self._greedy(logits) if any(r.sampler is None for r in rows) else None
         sampled = [None if r.sampler is None else r.sampler(logits[i : i + 1]) for i, r in enumerate(rows)]
         for ids in [greedy, *sampled]:
@@ -392,11 +411,10 @@ class Scheduler:
     def _fail_all(self, message: str) -> None:
         with self._lock:
             rows, self._rows = self._rows, []
-            job, self._prefilling = self._prefilling, None
+            prefilling, self._prefilling = self._prefilling, []
         self._ahead = None
         jobs = {id(r.job): r.job for r in rows}
-        if job is not None:
-            jobs[id(job)] = job
+        jobs.update({id(j): j for j in prefilling})
         for j in jobs.values():
             j.sink(Failed(message))
             j.sink(None)

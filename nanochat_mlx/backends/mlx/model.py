@@ -7,6 +7,7 @@ generations is read from the ``ArchSpec`` (flags and constants), never from its 
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from collections.abc import Iterator
@@ -75,11 +76,18 @@ class Attention(nn.Module):
         q = rms_norm(rotate(q.transpose(0, 2, 1, 3)))
         k = rms_norm(rotate(k.transpose(0, 2, 1, 3)))
         v = v.transpose(0, 2, 1, 3)
-        if isinstance(cache, list):  # rows decoded together: each attends to its own cache
-            ys = []
-            for i, row in enumerate(cache):
-                k_i, v_i = row.update_and_fetch(k[i : i + 1], v[i : i + 1])
-                ys.append(mx.fast.scaled_dot_product_attention(q[i : i + 1], k_i, v_i, scale=self._scale, mask=None))
+        if isinstance(cache, list):  # rows stepped together: each attends to its own cache
+            # Every position is its own batch row here (N, H, 1, D); a row's n positions (``mask``
+            # holds the n of each row) are consecutive, and become one sequence (1, H, n, D).
+            ys, start = [], 0
+            for row, n in zip(cache, mask, strict=True):
+                end = start + n
+                row_mask = row.make_mask(n) if n > 1 else None
+                k_i, v_i = row.update_and_fetch(k[start:end].transpose(2, 1, 0, 3), v[start:end].transpose(2, 1, 0, 3))
+                q_i = q[start:end].transpose(2, 1, 0, 3)
+                y_i = mx.fast.scaled_dot_product_attention(q_i, k_i, v_i, scale=self._scale, mask=row_mask)
+                ys.append(y_i.transpose(2, 1, 0, 3))
+                start = end
             y = mx.concatenate(ys)
         else:
             if cache is not None:
@@ -263,31 +271,41 @@ class GPT(nn.Module):
         logits = self._trunk(inputs, x, self._rotation(positions, 1), masks, slots, False)[:, -1]
         return logits, [[s.keys, s.values] for s in slots], smear
 
-    def decode_rows(self, inputs: mx.array, rows: list[list[Any]]) -> mx.array:
-        """One decode step of B independent rows: ``inputs`` (B,), ``rows[b]`` row b's one-row cache.
+    def decode_rows(self, inputs: mx.array, rows: list[list[Any]], lengths: list[int] | None = None) -> mx.array:
+        """One step of B independent rows: row b is fed the next ``lengths[b]`` ids (default 1 each)
+        of ``inputs`` (N,) on its own one-row cache ``rows[b]``. Logits (B, V) of each row's last id.
 
         Each row keeps its own position, sliding windows and smear state; the matrix products run
-        once for the whole batch, attention once per row over that row's own keys. Logits (B, V).
+        once for all N positions, attention once per row over that row's own keys. A row fed
+        several ids is a prompt chunk riding along with the decoding rows (its prefill shares
+        their weight reads).
         """
         n_layer = self.config.n_layer
-        offsets = [row[0].offset for row in rows]
-        for offset in offsets:
-            self.config.check_context(offset + 1)
-        ids = inputs[:, None]
+        lengths = lengths or [1] * len(rows)
+        ends = list(itertools.accumulate(lengths))
+        positions = []
+        for row, n in zip(rows, lengths, strict=True):
+            self.config.check_context(row[0].offset + n)
+            positions.extend(range(row[0].offset, row[0].offset + n))
+        ids = inputs[:, None]  # (N, 1): every position its own row of the products
         x = rms_norm(self.transformer.wte(ids).astype(self.dtype))
-        if self.spec.smear:  # every decoded row has a predecessor: x + gate * prev, as _smear
-            memories = [row[n_layer] for row in rows]
-            prev = mx.concatenate([m.prev for m in memories])
+        if self.spec.smear:  # x + gate * the previous position's embedding, as _smear, row by row
+            prev = []
+            for row, n, end in zip(rows, lengths, ends, strict=True):
+                memory = row[n_layer]
+                # A row's position 0 has no predecessor: adding gate * 0 leaves it as it is.
+                prev += [mx.zeros_like(x[:1]) if memory.prev is None else memory.prev, x[end - n : end - 1]]
+                memory.prev = x[end - 1 : end]
             gate = self.smear_lambda.astype(x.dtype) * mx.sigmoid(self.smear_gate(x[..., : self.spec.smear_channels]))
-            for i, memory in enumerate(memories):
-                memory.prev = x[i : i + 1]
-            x = x + gate * prev
+            x = x + gate * mx.concatenate(prev)
         layer_caches = [[row[i] for row in rows] for i in range(n_layer)]
-        rotate = self._rotation(mx.array(offsets), 1)
-        return self._trunk(ids, x, rotate, [None] * n_layer, layer_caches, False)[:, -1]
+        rotate = self._rotation(mx.array(positions), 1)
+        take = None if len(positions) == len(rows) else mx.array([end - 1 for end in ends])
+        return self._trunk(ids, x, rotate, [lengths] * n_layer, layer_caches, False, take)[:, -1]
 
-    def _trunk(self, inputs, x, rotate, masks, layer_caches, last_only: bool) -> mx.array:
-        """The blocks, backout, final norm, head and softcap on the normed (smeared) embedding ``x``.
+    def _trunk(self, inputs, x, rotate, masks, layer_caches, last_only: bool, take: mx.array | None = None) -> mx.array:
+        """The blocks, backout, final norm, head and softcap on the normed (smeared) embedding ``x``;
+        the head runs on the last position only (``last_only``) or on the batch rows ``take``.
 
         Inference (with caches) splits the matrix products over the device's lanes; training and
         teacher-forced passes (no cache) run them whole, so their gradients stay whole too.
@@ -307,6 +325,8 @@ class GPT(nn.Module):
             x = x - self.backout_lambda.astype(x.dtype) * x_mid
         if last_only:
             x = x[:, -1:]
+        if take is not None:
+            x = x[take]
         logits = lanes(self.lm_head, rms_norm(x))[..., : self.config.vocab_size].astype(mx.float32)
         cap = self.spec.softcap
         return cap * mx.tanh(logits / cap)

@@ -38,9 +38,14 @@ class MLXRunner:
     def decode(self, tokens: mx.array, cache: list) -> mx.array:
         return self.model.decode(tokens, cache)
 
-    def decode_rows(self, tokens: list[int], caches: list[list]) -> mx.array:
-        """One decode step of independent one-row caches at their own positions: logits (B, V)."""
-        return self.model.decode_rows(mx.array(tokens), caches)
+    def prepare_rows(self, max_rows: int) -> dict:
+        """Nothing to measure: MLX runs one matrix-product kernel whatever the row count."""
+        return {}
+
+    def decode_rows(self, tokens: list[int], caches: list[list], lengths: list[int] | None = None) -> mx.array:
+        """One step of independent one-row caches at their own positions, each fed ``lengths[b]``
+        of ``tokens`` (default one): logits (B, V) of each row's last token."""
+        return self.model.decode_rows(mx.array(tokens), caches, lengths)
 
     def clone_cache(self, cache: list) -> list:
         return [c.clone() for c in cache]

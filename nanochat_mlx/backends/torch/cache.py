@@ -33,6 +33,13 @@ class Slots(NamedTuple):
     keep: slice = slice(None)
 
 
+class RowPlan(NamedTuple):
+    """One row of a batched step (``TorchGPT.decode_rows``): its new positions and their plans."""
+
+    length: int
+    plans: dict[int | None, Slots]
+
+
 def visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
     """Bool mask (Tq, Tk) of absolute positions: key j visible to query i iff 0 <= i - j <= w."""
     distance = queries[:, None] - keys[None, :]

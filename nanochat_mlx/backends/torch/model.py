@@ -12,6 +12,7 @@ It computes what ``backends/mlx/model.py`` computes, for every generation, from 
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -29,7 +30,7 @@ from ...config import RMS_EPS, ArchSpec, ModelConfig
 from ...errors import NanochatError
 from ...rope import rotary_tables
 from ...weights import release_pages
-from .cache import KVCache, Slots, visible
+from .cache import KVCache, RowPlan, Slots, visible
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -105,6 +106,44 @@ GEMV_KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = 
 }
 
 
+def _slices(nbytes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """F.linear over slices of the weight's rows of about ``nbytes`` each, concatenated."""
+
+    def product(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # The CPU GEMM packs the whole weight before using it when x has a few rows, which costs
+        # more memory traffic than the product; slices that stay in cache make it about one read.
+        step = max(16, nbytes // (weight.shape[1] * weight.element_size()))
+        return torch.cat([F.linear(x, weight[i : i + step]) for i in range(0, weight.shape[0], step)], -1)
+
+    product.__name__ = f"_slices_{nbytes >> 10}k"
+    return product
+
+
+def _transposed(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(W x^T)^T: the GEMM's long side is then the weight's rows, which it streams as they are."""
+    rows = x.reshape(-1, x.shape[-1])
+    return torch.mm(weight, rows.t()).t().contiguous().view(*x.shape[:-1], -1)
+
+
+# Products of a few rows (batched decode: a server's rows, n samples) on the CPU: which kernel wins
+# depends on the row count, the machine and the thread count (d12 float32 on a 2-core Xeon, one
+# thread: F.linear for 2 rows, 256 KiB slices for 8, the transposed GEMM for 16), so
+# choose_batch_kernels measures them per row count where a server will batch.
+BATCH_KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "linear": _linear,
+    "slices-1m": _slices(1 << 20),
+    "slices-256k": _slices(1 << 18),
+    "transposed": _transposed,
+}
+BATCH_ROWS = 32  # up to this many rows the CPU product runs one of BATCH_KERNELS
+DEFAULT_BATCH_KERNEL = "slices-1m"  # before (or without) choose_batch_kernels
+
+
+def row_bucket(rows: int) -> int:
+    """The power of two at or above ``rows``: products of 5 to 8 rows share one measured kernel."""
+    return 1 << (rows - 1).bit_length()
+
+
 class Linear(nn.Module):
     """A bias-free linear layer around given weights (nothing randomly initialized first)."""
 
@@ -112,22 +151,16 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = frozen(weight)
         self.gemv = _linear  # the one-row kernel, set by choose_gemv
+        self.batched: dict[int, Callable] = {}  # row bucket -> few-row kernel, set by choose_batch_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows == 1:  # one row (decode): the kernel measured fastest for this shape
             return self.gemv(self.weight, x)
         if rows <= BATCH_ROWS and x.device.type == "cpu":
-            # A few rows (batched decode): the CPU GEMM packs the whole weight before using it, which
-            # costs more memory traffic than the product; slices that stay in cache halve the time.
-            w = self.weight
-            step = max(16, SLICE_BYTES // (w.shape[1] * w.element_size()))
-            return torch.cat([F.linear(x, w[i : i + step]) for i in range(0, w.shape[0], step)], -1)
+            kernel = self.batched.get(row_bucket(rows)) or BATCH_KERNELS[DEFAULT_BATCH_KERNEL]
+            return kernel(self.weight, x)
         return F.linear(x, self.weight)
-
-
-BATCH_ROWS = 32  # up to this many rows the CPU product runs over weight slices
-SLICE_BYTES = 1 << 20  # weight bytes per slice: well inside a core's L2 cache
 
 
 def gemv_candidates(weight: torch.Tensor) -> list[str]:
@@ -140,8 +173,10 @@ def gemv_candidates(weight: torch.Tensor) -> list[str]:
     return ["linear", "mv"] if weight.device.type == "cpu" else ["linear"]
 
 
-def time_gemv(modules: list[Linear], names: list[str], rounds: int = 2) -> dict[tuple[int, int], dict[str, float]]:
-    """Median seconds per shape and kernel of one-row products over ``modules`` in model order.
+def time_products(
+    modules: list[Linear], kernels: dict[str, Callable], rows: int = 1, rounds: int = 2
+) -> dict[tuple[int, int], dict[str, float]]:
+    """Median seconds per shape and kernel of ``rows``-row products over ``modules`` in model order.
 
     Each round runs every kernel over all the modules in turn, as a decode step reads them: the
     weights come from wherever a decode step finds them (memory, or a large last-level cache for a
@@ -151,11 +186,10 @@ def time_gemv(modules: list[Linear], names: list[str], rounds: int = 2) -> dict[
     inputs = {}
     for m in modules:
         w = m.weight
-        inputs.setdefault(w.shape[1], torch.randn(1, 1, w.shape[1], dtype=w.dtype, device=w.device))
+        inputs.setdefault(w.shape[1], torch.randn(1, rows, w.shape[1], dtype=w.dtype, device=w.device))
     times: dict[tuple[int, int], dict[str, list[float]]] = {}
     for r in range(rounds + 1):
-        for name in names:
-            kernel = GEMV_KERNELS[name]
+        for name, kernel in kernels.items():
             spent: dict[tuple[int, int], float] = {}
             for m in modules:
                 shape = tuple(m.weight.shape)
@@ -168,6 +202,10 @@ def time_gemv(modules: list[Linear], names: list[str], rounds: int = 2) -> dict[
     return {shape: {name: statistics.median(ts) for name, ts in by.items()} for shape, by in times.items()}
 
 
+def fastest(timed: dict[str, float]) -> str:
+    return min(timed, key=timed.__getitem__)
+
+
 @torch.inference_mode()
 def choose_gemv(model: nn.Module, kernel: str | None = None) -> dict[tuple[int, int], str]:
     """Give every Linear the fastest one-row kernel for its shape on this machine (or ``kernel``).
@@ -176,7 +214,7 @@ def choose_gemv(model: nn.Module, kernel: str | None = None) -> dict[tuple[int, 
     streams memory fastest wins; which one that is varies with the CPU, dtype and thread count
     (torch.mv beats F.linear by a third in bfloat16 on an AMX Xeon, at 1 and 2 threads, and loses
     on an AMD Zen 4; in float32 both run at the memory's speed). Every shape is timed on all of
-    the model's matrices of that shape, in one pass over the model per kernel (``time_gemv``).
+    the model's matrices of that shape, in one pass over the model per kernel (``time_products``).
     """
     modules = [m for m in model.modules() if isinstance(m, Linear)]
     shapes = {tuple(m.weight.shape): m.weight for m in modules}
@@ -186,10 +224,31 @@ def choose_gemv(model: nn.Module, kernel: str | None = None) -> dict[tuple[int, 
         chosen = {s: kernel if kernel in names[s] or (kernel == "numpy" and cpu32[s]) else "linear" for s in shapes}
     else:
         candidates = sorted({name for n in names.values() for name in n}, key=list(GEMV_KERNELS).index)
-        timed = time_gemv(modules, candidates) if len(candidates) > 1 else {}
-        chosen = {s: min(timed[s], key=timed[s].__getitem__) if s in timed else names[s][0] for s in shapes}
+        kernels = {name: GEMV_KERNELS[name] for name in candidates}
+        timed = time_products(modules, kernels) if len(candidates) > 1 else {}
+        chosen = {s: fastest(timed[s]) if s in timed else names[s][0] for s in shapes}
     for m in modules:
         m.gemv = GEMV_KERNELS[chosen[tuple(m.weight.shape)]]
+    return chosen
+
+
+@torch.inference_mode()
+def choose_batch_kernels(model: nn.Module, max_rows: int) -> dict[int, dict[tuple[int, int], str]]:
+    """Give every Linear the fastest few-row kernel per row bucket up to ``max_rows`` (CPU only).
+
+    A server decoding up to ``max_rows`` rows at once calls this once after loading: each bucket
+    (2, 4, 8, ...) is timed with every BATCH_KERNELS candidate in passes over the whole model, as
+    choose_gemv times one row. Returns bucket -> shape -> kernel name (empty off the CPU).
+    """
+    modules = [m for m in model.modules() if isinstance(m, Linear)]
+    if not modules or modules[0].weight.device.type != "cpu":
+        return {}
+    chosen = {}
+    for bucket in sorted({row_bucket(r) for r in range(2, min(max_rows, BATCH_ROWS) + 1)}):
+        timed = time_products(modules, BATCH_KERNELS, rows=bucket)
+        chosen[bucket] = {shape: fastest(by) for shape, by in timed.items()}
+        for m in modules:
+            m.batched[bucket] = BATCH_KERNELS[chosen[bucket][tuple(m.weight.shape)]]
     return chosen
 
 
@@ -378,7 +437,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         ve: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
-        slots: Slots | list[dict[int | None, Slots]],  # a list: one plan per row (decode_rows)
+        slots: Slots | list[RowPlan],  # a list: one plan per row (decode_rows)
         cache: KVCache | list[KVCache] | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -394,12 +453,21 @@ class Attention(nn.Module):
         cos, sin = rope
         qk = rms_norm(qk * cos + qk.roll(D // 2, -1) * sin)
         q, k, v = qk[:, :, :H], qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
-        if isinstance(cache, list):  # rows decoded together: each attends to its own cache
-            ys = []
-            for i, (row, row_slots) in enumerate(zip(cache, slots, strict=True)):
-                k_i, v_i = row.update(self.layer, k[i : i + 1], v[i : i + 1], row_slots[self.window])
-                ys.append(self._decode_attention(q[i : i + 1], k_i, v_i))
-            y = torch.cat(ys)
+        if isinstance(cache, list):  # rows stepped together: each attends to its own cache
+            # Every position is its own batch row here (N, 1, ...); a row's n positions are
+            # consecutive, and become one sequence (1, n, ...) against that row's cache.
+            ys, start = [], 0
+            for row, plan in zip(cache, slots, strict=True):
+                end = start + plan.length
+                row_slots = plan.plans[self.window]
+                q_i = q[start:end].transpose(0, 1)
+                k_i, v_i = row.update(self.layer, k[start:end].transpose(0, 2), v[start:end].transpose(0, 2), row_slots)
+                if plan.length == 1:  # a GQA decode gives (1, Hkv, groups, D): the same heads in order
+                    ys.append(self._decode_attention(q_i, k_i, v_i).reshape(1, 1, H, D))
+                else:
+                    ys.append(self._attend(q_i, k_i, v_i, row_slots))
+                start = end
+            y = torch.cat(ys, 1).transpose(0, 1)
         elif T == 1:
             if cache is not None:
                 k, v = cache.update(self.layer, k, v, slots)
@@ -407,10 +475,14 @@ class Attention(nn.Module):
         else:
             if cache is not None:
                 k, v = cache.update(self.layer, k, v, slots)
-            y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k, v, attn_mask=slots.mask, is_causal=slots.causal, scale=self.scale, **self.gqa
-            ).transpose(1, 2)
+            y = self._attend(q, k, v, slots)
         return self.c_proj(y.reshape(B, T, H * D))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: Slots) -> torch.Tensor:
+        """Several query positions (B, T, H, D) against keys (B, Hkv, S, D), masked as ``slots`` says."""
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k, v, attn_mask=slots.mask, is_causal=slots.causal, scale=self.scale, **self.gqa
+        ).transpose(1, 2)
 
     def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One query position (B, 1, H, D) against cached keys (B, Hkv, S, D), every key visible."""
@@ -445,7 +517,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         ve: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
-        slots: Slots | list[dict[int | None, Slots]],  # a list: one plan per row (decode_rows)
+        slots: Slots | list[RowPlan],  # a list: one plan per row (decode_rows)
         cache: KVCache | list[KVCache] | None,
     ) -> torch.Tensor:
         x = x + self.attn(rms_norm(x), ve, rope, slots, cache)
@@ -559,33 +631,43 @@ class TorchGPT(nn.Module):
         return logits
 
     @torch.inference_mode()
-    def decode_rows(self, ids: torch.Tensor, rows: list[KVCache]) -> torch.Tensor:
-        """One decode step of B independent rows: ``ids`` (B,), ``rows[b]`` row b's one-row cache.
+    def decode_rows(self, ids: torch.Tensor, rows: list[KVCache], lengths: list[int] | None = None) -> torch.Tensor:
+        """One step of B independent rows: row b is fed the next ``lengths[b]`` ids (default 1 each)
+        of ``ids`` (N,) on its own one-row cache ``rows[b]``. Logits (B, V) of each row's last id.
 
         Each row keeps its own position, sliding windows and smear state; the matrix products run
-        once for the whole batch, attention once per row over that row's own keys. Logits (B, V).
+        once for all N positions, attention once per row over that row's own keys. A row fed
+        several ids is a prompt chunk riding along with the decoding rows: its prefill shares
+        their weight reads (on a memory-bound device, nearly for free).
         """
-        ids = ids.to(self.device)[:, None]
-        positions = [row.length for row in rows]
-        for p in positions:
-            self.config.check_context(p + 1)
+        lengths = lengths or [1] * len(rows)
+        spans = list(itertools.pairwise(itertools.accumulate(lengths, initial=0)))  # row b's ids: [start, end)
+        ids = ids.to(self.device)[:, None]  # (N, 1): every position its own row of the products
+        positions = []
+        for row, n in zip(rows, lengths, strict=True):
+            self.config.check_context(row.length + n)
+            positions.extend(range(row.length, row.length + n))
         x = self.embed(ids)
-        if self.spec.smear:  # every decoded row has a predecessor: x + gate * prev, as _smear
+        if self.spec.smear:  # x + gate * the previous position's embedding, as _smear, row by row
             gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., : self.spec.smear_channels]))
-            prev = torch.cat([row.smear_prev for row in rows])
-            for i, row in enumerate(rows):
-                row.smear_prev = x[i : i + 1].clone()
-            x = x + gate * prev
+            prev = []
+            for row, (start, end) in zip(rows, spans, strict=True):
+                # A row's position 0 has no predecessor: adding gate * 0 leaves it as it is.
+                prev += [torch.zeros_like(x[:1]) if row.smear_prev is None else row.smear_prev, x[start : end - 1]]
+                row.smear_prev = x[end - 1 : end].clone()
+            x = x + gate * torch.cat(prev)
         index = torch.tensor(positions, device=self.device)
-        rope = self.cos[index][:, None, None], self.sin[index][:, None, None]  # (B, 1, 1, D)
-        plans = [row.plan(1) for row in rows]
-        logits = self._trunk(ids, x, rope, [plans] * len(self.window_sizes), rows, False)
-        for i, row in enumerate(rows):
-            row.advance(ids[i : i + 1])
+        rope = self.cos[index][:, None, None], self.sin[index][:, None, None]  # (N, 1, 1, D)
+        plans = [RowPlan(n, row.plan(n)) for row, n in zip(rows, lengths, strict=True)]
+        last = None if len(positions) == len(rows) else [end - 1 for _, end in spans]
+        logits = self._trunk(ids, x, rope, [plans] * len(self.window_sizes), rows, False, last)
+        for row, (start, end) in zip(rows, spans, strict=True):
+            row.advance(ids[start:end].view(1, -1))
         return logits[:, -1]
 
-    def _trunk(self, ids, x, rope, layer_plans, cache, last_only: bool) -> torch.Tensor:
-        """The blocks, backout, final norm, head and softcap on the normed (smeared) embedding ``x``."""
+    def _trunk(self, ids, x, rope, layer_plans, cache, last_only: bool, take: list[int] | None = None) -> torch.Tensor:
+        """The blocks, backout, final norm, head and softcap on the normed (smeared) embedding ``x``;
+        the head runs on the last position only (``last_only``) or on the batch rows ``take``."""
         x0 = x
         x_mid = None
         for i, block in enumerate(self.transformer.h):
@@ -600,6 +682,8 @@ class TorchGPT(nn.Module):
             x = x - self.backout_lambda * x_mid
         if last_only:
             x = x[:, -1:]
+        if take is not None:
+            x = x[take]
         logits = self.lm_head(rms_norm(x))[..., : self.config.vocab_size].float()
         cap = self.spec.softcap
         if logits.requires_grad:

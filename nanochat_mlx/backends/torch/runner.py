@@ -8,7 +8,7 @@ import torch
 
 from ...sampling import Sampler, SamplingParams
 from .cache import KVCache
-from .model import TORCH_DTYPES, TorchGPT, device_name
+from .model import TORCH_DTYPES, TorchGPT, choose_batch_kernels, device_name
 
 try:
     import resource
@@ -40,9 +40,15 @@ class TorchRunner:
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         return self.model(tokens[:, None], cache=cache)[:, -1]
 
-    def decode_rows(self, tokens: list[int], caches: list[KVCache]) -> torch.Tensor:
-        """One decode step of independent one-row caches at their own positions: logits (B, V)."""
-        return self.model.decode_rows(self.tokens(tokens), caches)
+    def prepare_rows(self, max_rows: int) -> dict:
+        """Before batched decoding of up to ``max_rows`` rows: measure the few-row products' kernels
+        (row bucket -> weight shape -> kernel name)."""
+        return choose_batch_kernels(self.model, max_rows)
+
+    def decode_rows(self, tokens: list[int], caches: list[KVCache], lengths: list[int] | None = None) -> torch.Tensor:
+        """One step of independent one-row caches at their own positions, each fed ``lengths[b]``
+        of ``tokens`` (default one): logits (B, V) of each row's last token."""
+        return self.model.decode_rows(self.tokens(tokens), caches, lengths)
 
     @torch.inference_mode()
     def clone_cache(self, cache: KVCache) -> KVCache:
