@@ -31,6 +31,12 @@ PREFILL_TARGET_S = 0.25  # a prefill chunk is sized to take about this long, so 
 PREFILL_CHUNKS = (4, 2048)  # smallest and largest chunk, in tokens (MLX on a busy CPU: ~4 tok/s)
 
 
+def piece_size(remaining: int, chunk: int) -> int:
+    """The next adaptive prefill chunk: ``chunk`` tokens, or all ``remaining`` when what would be
+    left is under half a chunk (a short tail costs a whole weight read of its own)."""
+    return remaining if remaining - chunk < chunk // 2 else chunk
+
+
 class Runner(Protocol):
     """What a backend provides to the engine. Arrays stay on the device until ``to_list``."""
 
@@ -376,7 +382,8 @@ class Engine:
         done = 0
         while done < len(tokens):
             began = time.perf_counter()
-            piece = tokens[done : done + (self.prefill_chunk or self._chunk)]
+            size = self.prefill_chunk or piece_size(len(tokens) - done, self._chunk)
+            piece = tokens[done : done + size]
             logits = self.runner.prefill(piece, cache)
             done += len(piece)
             stats.prefilled = done

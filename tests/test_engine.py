@@ -45,6 +45,13 @@ def test_streamed_text_is_decode_of_tokens(g9_on):
     assert text == tok.decode([c[0] for c in columns])
 
 
+def test_an_adaptive_prefill_chunk_takes_a_short_tail_along() -> None:
+    from nanochat_mlx.engine import piece_size
+
+    assert piece_size(512, 400) == 512  # 112 left would be under half a chunk: one pass
+    assert piece_size(600, 400) == 400 and piece_size(300, 400) == 300
+
+
 def test_chunked_prefill_gives_the_same_tokens(g9_on):
     model, tok = g9_on
     case = next(c for c in expected_json("g9", "generate.json")["cases"] if c["name"] == "p3_long")
