@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -35,6 +35,18 @@ def key_label(keys: str) -> str:
         return "+".join(names.get(p, p.upper() if len(p) == 1 or p[0] == "f" else p.capitalize()) for p in parts)
 
     return " / ".join(one(k.strip()) for k in keys.split(","))
+
+
+def stage_reporter(screen: LoadingScreen) -> Callable[[Progress], None]:
+    """A load-progress callback (any thread) that shows each stage on ``screen``."""
+
+    def stage(progress: Progress) -> None:
+        try:
+            screen.post_message(LoadingScreen.Stage(progress))
+        except RuntimeError:  # the app has quit and its event loop is closed
+            pass
+
+    return stage
 
 
 class NanochatApp(App[int]):
@@ -90,12 +102,7 @@ class NanochatApp(App[int]):
 
     @work(exclusive=True, group="load")
     async def _load_worker(self, options: LoadOptions, screen: LoadingScreen) -> None:
-        def stage(progress: Progress) -> None:
-            try:
-                screen.post_message(LoadingScreen.Stage(progress))
-            except RuntimeError:  # the app has quit and its event loop is closed
-                pass
-
+        stage = stage_reporter(screen)
         try:
             model = await self.model_thread.run(load_model, options, stage)
         except Exception as exc:  # every failure becomes the error screen, never a traceback
@@ -134,12 +141,7 @@ class NanochatApp(App[int]):
 
     @work(exclusive=True, group="load")
     async def _switch_worker(self, options: LoadOptions, screen: LoadingScreen, chat: ChatScreen) -> None:
-        def stage(progress: Progress) -> None:
-            try:
-                screen.post_message(LoadingScreen.Stage(progress))
-            except RuntimeError:  # the app has quit and its event loop is closed
-                pass
-
+        stage = stage_reporter(screen)
         try:
             # The download runs on a thread of its own: cancelling stops waiting for it at once, and a
             # stalled one never blocks the model thread the open chat generates on.

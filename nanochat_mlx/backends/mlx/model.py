@@ -77,12 +77,11 @@ class Attention(nn.Module):
         k = rms_norm(rotate(k.transpose(0, 2, 1, 3)))
         v = v.transpose(0, 2, 1, 3)
         if isinstance(cache, list):  # rows stepped together: each attends to its own cache
-            # Every position is its own batch row here (N, H, 1, D); a row's n positions (``mask``
-            # holds the n of each row) are consecutive, and become one sequence (1, H, n, D).
+            # Every position is its own batch row here (N, H, 1, D); a row's n positions are
+            # consecutive, and become one sequence (1, H, n, D). ``mask``: each row's (n, mask).
             ys, start = [], 0
-            for row, n in zip(cache, mask, strict=True):
+            for row, (n, row_mask) in zip(cache, mask, strict=True):
                 end = start + n
-                row_mask = row.make_mask(n) if n > 1 else None
                 k_i, v_i = row.update_and_fetch(k[start:end].transpose(2, 1, 0, 3), v[start:end].transpose(2, 1, 0, 3))
                 q_i = q[start:end].transpose(2, 1, 0, 3)
                 y_i = mx.fast.scaled_dot_product_attention(q_i, k_i, v_i, scale=self._scale, mask=row_mask)
@@ -299,9 +298,11 @@ class GPT(nn.Module):
             gate = self.smear_lambda.astype(x.dtype) * mx.sigmoid(self.smear_gate(x[..., : self.spec.smear_channels]))
             x = x + gate * mx.concatenate(prev)
         layer_caches = [[row[i] for row in rows] for i in range(n_layer)]
+        # Each layer's mask for each row's new positions, from its cache before they are stored.
+        masks = [[(n, c.make_mask(n)) for c, n in zip(caches, lengths, strict=True)] for caches in layer_caches]
         rotate = self._rotation(mx.array(positions), 1)
         take = None if len(positions) == len(rows) else mx.array([end - 1 for end in ends])
-        return self._trunk(ids, x, rotate, [lengths] * n_layer, layer_caches, False, take)[:, -1]
+        return self._trunk(ids, x, rotate, masks, layer_caches, False, take)[:, -1]
 
     def _trunk(self, inputs, x, rotate, masks, layer_caches, last_only: bool, take: mx.array | None = None) -> mx.array:
         """The blocks, backout, final norm, head and softcap on the normed (smeared) embedding ``x``;
