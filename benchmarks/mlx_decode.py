@@ -51,13 +51,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--geometry", default="d12")
     p.add_argument("--dtype", default="float32,bfloat16")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (the decode context)")
     p.add_argument("--tokens", type=int, default=40)
     p.add_argument("--skip", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", help="append one JSON line per dtype")
     a = p.parse_args()
     ckpt = random_checkpoint(a.geometry, arch="g1")
-    prompt = [ckpt.tokenizer.get_bos_token_id(), *range(100, 115)]
+    prompt = [ckpt.tokenizer.get_bos_token_id(), *range(100, 99 + a.prompt_tokens)]
     runs = {}
     for dtype in a.dtype.split(","):
         runs[("ours", dtype)] = ours(ckpt, dtype, prompt, a.tokens)
@@ -69,7 +70,9 @@ def main() -> None:
         for key, run in runs.items():
             stamps = run()
             rates[key].append((len(stamps) - 1 - a.skip) / (stamps[-1] - stamps[a.skip]))
-            print(f"round {r + 1} {key[0]:6s} {key[1]:8s} {rates[key][-1]:6.2f} tok/s", flush=True)
+            gap = max(t1 - t0 for t0, t1 in zip(stamps[a.skip :], stamps[a.skip + 1 :], strict=False))
+            rate = f"{rates[key][-1]:6.2f} tok/s, longest gap {gap * 1e3:.0f} ms"
+            print(f"round {r + 1} {key[0]:6s} {key[1]:8s} {rate}", flush=True)
     for dtype in a.dtype.split(","):
         o, m = rates[("ours", dtype)], rates[("mlx-lm", dtype)]
         ratios = [x / y for x, y in zip(o, m, strict=True)]
@@ -79,6 +82,7 @@ def main() -> None:
             "mlx_lm_tps": statistics.median(m), "rounds": a.rounds, "tokens": a.tokens, "skip": a.skip,
             "lanes": len(device_lanes()), "device": str(mx.default_device()), "mlx": mx.__version__,
             "mlx_lm": importlib.metadata.version("mlx-lm"), "cpu": platform.processor() or platform.machine(),
+            "prompt_tokens": a.prompt_tokens,
         }  # fmt: skip
         print(
             f"{a.geometry} g1 {dtype}: ours {row['ours_tps']:.2f} tok/s, mlx-lm {row['mlx_lm_tps']:.2f} tok/s, "
