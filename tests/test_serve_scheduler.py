@@ -116,6 +116,32 @@ def test_requests_arriving_while_rows_decode_are_prefilled_inside_the_decode_ste
     assert [sink.tokens() for sink in sinks] == alone
 
 
+def test_a_long_prompt_with_two_choices_rides_along_in_chunks_and_equals_its_solo_replies(g1):
+    engine = Engine(*g1)
+    bos = engine.tokenizer.get_bos_token_id()
+    long_prompt = [bos, *range(400, 700)]  # three chunks of up to 128 tokens, each riding a decode step
+    sampled = SamplingParams(temperature=0.9, top_k=40, seed=3, max_tokens=10)
+    solo, first, second = Collector(), Collector(), Collector()
+    for sinks in ([solo], [first, second]):  # a fresh scheduler (and prompt cache) each time
+        scheduler = Scheduler(lambda: engine)
+        scheduler.start()
+        try:
+            if len(sinks) == 2:  # a row is decoding when the long prompt arrives
+                scheduler.submit(Job([bos, *range(60, 80)], GREEDY.with_(max_tokens=60), first, ignore_eos=True))
+                while len(first.tokens()) < 2:
+                    time.sleep(0.001)
+            scheduler.submit(Job(long_prompt, sampled, sinks[-1], n=2, ignore_eos=True))
+            assert all(sink.done.wait(60) for sink in sinks)
+        finally:
+            scheduler.stop()
+
+    def choices(sink: Collector) -> list[list[int]]:
+        return [[t for e in sink.events if isinstance(e, Delta) and e.index == i for t in e.tokens] for i in (0, 1)]
+
+    assert next(e for e in second.events if isinstance(e, Started)).cached_tokens == 0
+    assert choices(second) == choices(solo) and all(len(c) == 10 for c in choices(solo))
+
+
 def test_seeded_sampling_with_a_penalty_is_the_same_alone_and_in_a_batch(g1):
     engine = Engine(*g1)
     bos = engine.tokenizer.get_bos_token_id()
