@@ -257,6 +257,14 @@ def test_a_source_that_cannot_load_ends_the_command_with_one_line(tmp_path):
     assert lines[-1].startswith("error: ") and "Traceback" not in "".join(lines)
 
 
+@pytest.mark.parametrize("flag", ["--max-concurrency", "--queue", "--prefill-chunk"])
+def test_a_batching_bound_under_one_ends_the_command_with_one_line(flag):
+    with serve(flag, "0", wait=False) as s:
+        assert s.process.wait(timeout=60) == 1
+        lines = s.process.stderr.read().decode().strip().splitlines()
+    assert lines == ["error: --max-concurrency, --queue and --prefill-chunk must be at least 1"]
+
+
 def test_health_is_503_while_the_model_loads():
     with serve(backend="torch", wait=False) as s:
         s.wait_ready()

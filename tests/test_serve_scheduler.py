@@ -116,14 +116,15 @@ def test_requests_arriving_while_rows_decode_are_prefilled_inside_the_decode_ste
     assert [sink.tokens() for sink in sinks] == alone
 
 
-def test_a_long_prompt_with_two_choices_rides_along_in_chunks_and_equals_its_solo_replies(g1):
+@pytest.mark.parametrize("chunk", [128, 48])
+def test_a_long_prompt_with_two_choices_rides_along_in_chunks_and_equals_its_solo_replies(g1, chunk):
     engine = Engine(*g1)
     bos = engine.tokenizer.get_bos_token_id()
-    long_prompt = [bos, *range(400, 700)]  # three chunks of up to 128 tokens, each riding a decode step
+    long_prompt = [bos, *range(400, 700)]  # chunks of up to ``chunk`` tokens, each riding a decode step
     sampled = SamplingParams(temperature=0.9, top_k=40, seed=3, max_tokens=10)
     solo, first, second = Collector(), Collector(), Collector()
     for sinks in ([solo], [first, second]):  # a fresh scheduler (and prompt cache) each time
-        scheduler = Scheduler(lambda: engine)
+        scheduler = Scheduler(lambda: engine, prefill_chunk=chunk)
         scheduler.start()
         try:
             if len(sinks) == 2:  # a row is decoding when the long prompt arrives

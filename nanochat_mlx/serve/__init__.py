@@ -15,6 +15,7 @@ from .protocol import Limits
 
 def build_parser() -> argparse.ArgumentParser:
     from ..cli import Parser, model_options_parent
+    from .scheduler import PREFILL_CHUNK
 
     p = Parser(
         prog="nanochat-mlx serve",
@@ -38,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-concurrency", type=int, default=8, help="rows decoded together in one batch (default 8)")
     g.add_argument("--queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
     g.add_argument("--prompt-cache-mb", type=int, default=1024, help="KV prefixes kept across requests (default 1024)")
+    g.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=PREFILL_CHUNK,
+        help=f"prompt tokens run per step, alone or riding along the decoding rows' step (default {PREFILL_CHUNK})",
+    )
     limits = p.add_argument_group("limits (nanochat's chat server defaults)")
     defaults = Limits()
     limits.add_argument("--max-messages", type=int, default=defaults.max_messages)
@@ -52,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     options = load_options(args)  # checked before the server starts
-    if args.max_concurrency < 1 or args.queue < 1:
-        raise NanochatError("--max-concurrency and --queue must be at least 1")
+    if args.max_concurrency < 1 or args.queue < 1 or args.prefill_chunk < 1:
+        raise NanochatError("--max-concurrency, --queue and --prefill-chunk must be at least 1")
     import uvicorn
 
     from ..loading import load_model
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return loaded.engine
 
     scheduler = Scheduler(load, max_rows=args.max_concurrency, max_queue=args.queue,
-                          cache_bytes=args.prompt_cache_mb << 20)  # fmt: skip
+                          cache_bytes=args.prompt_cache_mb << 20, prefill_chunk=args.prefill_chunk)  # fmt: skip
     limits = Limits(
         max_messages=args.max_messages,
         max_message_chars=args.max_message_chars,

@@ -9,7 +9,8 @@ Each row keeps its own one-row cache, so rows of different lengths, sliding wind
 states decode in one step (``runner.decode_rows``) exactly as they would alone.
 
 While rows are decoding, the admitted jobs' prompt chunks ride along in the decode steps (up to
-``PREFILL_CHUNK`` prompt tokens a step, as extra positions of ``decode_rows``): decoding reads
+``prefill_chunk`` prompt tokens a step, as extra positions of ``decode_rows``: a token budget per
+step, like vLLM's ``max_num_batched_tokens`` or llama.cpp's batch size): decoding reads
 every weight once a step whatever the row count, so a short prompt is prefilled nearly for free
 and the running rows never stall for a separate prefill. With nothing decoding, the first job is
 prefilled alone; the rest of a burst then rides along its first steps.
@@ -34,7 +35,7 @@ from .prompt_cache import PromptCache
 
 GREEDY = SamplingParams(temperature=0.0, top_k=None)
 
-PREFILL_CHUNK = 128  # prompt tokens a prefill step runs (alone, or riding along one decode step)
+PREFILL_CHUNK = 128  # default prompt tokens a step runs (alone, or riding along one decode step)
 
 
 class QueueFull(Exception):
@@ -129,9 +130,11 @@ class Scheduler:
         max_rows: int = 8,
         max_queue: int = 64,
         cache_bytes: int = 1 << 30,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         self._load = load
         self.max_rows = max_rows
+        self.prefill_chunk = prefill_chunk
         self.max_queue = max_queue
         self.cache_bytes = cache_bytes
         self.engine: Engine | None = None
@@ -224,13 +227,13 @@ class Scheduler:
         while not self._rows and (jobs := self._admit()):
             job = jobs[0]
             if self._begin(job):
-                end = min(len(job.tokens), job.prefilled + PREFILL_CHUNK)
+                end = min(len(job.tokens), job.prefilled + self.prefill_chunk)
                 logits = self.engine.runner.prefill(job.tokens[job.prefilled : end], job.cache)
                 self._prefilled(job, end - job.prefilled, logits)
 
     def _riders(self) -> list[tuple[Job, list[int]]]:
-        """The admitted jobs' next prompt chunks for one decode step, PREFILL_CHUNK tokens in all."""
-        riders, budget = [], PREFILL_CHUNK
+        """The admitted jobs' next prompt chunks for one decode step, ``prefill_chunk`` tokens in all."""
+        riders, budget = [], self.prefill_chunk
         for job in self._admit():
             if budget == 0:
                 break
