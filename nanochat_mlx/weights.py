@@ -285,6 +285,15 @@ def validate(weights: Weights, config: ModelConfig, spec: ArchSpec, origin: str)
     return weights
 
 
+def nonfinite_error(origin: str, name: str, nan: int, inf: int, total: int) -> CheckpointError:
+    """The error for a tensor holding NaN or infinite values: a diverged training run saves those."""
+    found = " and ".join(f"{n:,} {what}" for n, what in ((nan, "NaN"), (inf, "infinite")) if n)
+    return CheckpointError(
+        f"{origin}: tensor {name} has {found} of its {total:,} values; "
+        "the run that saved it diverged, or the file is corrupt"
+    )
+
+
 def _listing(names: list[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -22,7 +22,7 @@ from ...checkpoint import Checkpoint
 from ...config import RMS_EPS, ArchSpec, ModelConfig
 from ...errors import NanochatError
 from ...rope import rotary_inv_freq, rotary_tables
-from ...weights import canonical_name, release_pages
+from ...weights import canonical_name, nonfinite_error, release_pages
 from .cache import KVCache, SmearMemory, WindowKVCache, causal_mask
 from .lanes import SERIAL, Lanes, device_lanes
 
@@ -364,6 +364,21 @@ def _arrays(ckpt: Checkpoint) -> Iterator[tuple[str, mx.array]]:
         yield name, loaded.pop(name) if name in loaded else to_mlx(array)
 
 
+def _finite(w: mx.array, name: str, origin: str) -> mx.array:
+    """``w`` evaluated, once it is known to hold no NaN or infinity.
+
+    A sum is the cheapest full read (a NaN or infinity makes it non-finite); only then are the
+    values counted, since a sum of large finite values can overflow too.
+    """
+    total = mx.sum(w) if mx.issubdtype(w.dtype, mx.floating) else None
+    mx.eval(w, total) if total is not None else mx.eval(w)
+    if total is not None and not math.isfinite(total.item()):
+        nan, inf = mx.isnan(w).sum().item(), mx.isinf(w).sum().item()
+        if nan or inf:
+            raise nonfinite_error(origin, name, nan, inf, w.size)
+    return w
+
+
 def quantizable(path: str, module: nn.Module) -> bool:
     """Linear and embedding layers whose rows split into whole quantization groups."""
     return hasattr(module, "to_quantized") and module.weight.shape[-1] % QUANT_GROUP == 0
@@ -389,7 +404,7 @@ def build_mlx_model(ckpt: Checkpoint, dtype: str | None = None, quantize: int | 
     for name, w in _arrays(ckpt):
         if mx.issubdtype(w.dtype, mx.floating) and w.dtype != mdtype:
             w = w.astype(mdtype)
-        mx.eval(w)  # one tensor at a time: the model so far plus one tensor, never two copies of it
+        w = _finite(w, name, ckpt.name)  # one tensor at a time: the model so far plus one tensor
         release_pages(ckpt.weights[name])
         weights.append((name, w))
     model.load_weights(weights, strict=True)

@@ -29,7 +29,7 @@ from ...checkpoint import Checkpoint
 from ...config import RMS_EPS, ArchSpec, ModelConfig
 from ...errors import NanochatError
 from ...rope import rotary_tables
-from ...weights import release_pages
+from ...weights import nonfinite_error, release_pages
 from .cache import KVCache, RowPlan, Slots, visible
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,6 +70,15 @@ def to_torch(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> tor
     out = host.to(device=device, dtype=dtype, copy=True)
     release_pages(array)
     return out
+
+
+def finite(t: torch.Tensor, name: str, origin: str) -> torch.Tensor:
+    """``t``, once it is known to hold no NaN or infinity (as in ``mlx.model._finite``)."""
+    if t.is_floating_point() and not torch.isfinite(t.sum()):
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        if nan or inf:
+            raise nonfinite_error(origin, name, nan, inf, t.numel())
+    return t
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -539,7 +548,7 @@ class TorchGPT(nn.Module):
         self.quantization = quantize  # bits of the linear layers' weights, None = the compute dtype
 
         def weight(name: str) -> torch.Tensor:
-            return to_torch(ckpt.weights[name], device, dtype)
+            return finite(to_torch(ckpt.weights[name], device, dtype), name, ckpt.name)
 
         def quantized(module: nn.Module) -> nn.Module:
             # Layer by layer, so the unquantized weights of only one layer exist at a time.
