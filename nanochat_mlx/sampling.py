@@ -16,6 +16,7 @@ from .errors import NanochatError
 from .options import finite, whole
 
 REPETITION_WINDOW = 20  # tokens the repetition penalty looks back over (mlx-lm's default)
+MAX_TOP_LOGPROBS = 20  # alternatives a token's log-probabilities may list (OpenAI's bound)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class ArrayOps(Protocol):
     def argmax(self, logits: Any) -> Any: ...  # (B,), the first maximum
     def kth_largest(self, logits: Any, k: int) -> Any: ...  # (B, 1)
     def softmax(self, logits: Any) -> Any: ...
+    def log_softmax(self, logits: Any) -> Any: ...  # in float32
     def row_max(self, x: Any) -> Any: ...  # (B, 1)
     def sort_descending(self, x: Any) -> tuple[Any, Any]: ...  # values, indices
     def cumsum(self, x: Any) -> Any: ...
@@ -99,6 +101,18 @@ class Sampler:
         """Record the ids fed to the model next (sampled or forced by a tool)."""
         if self.history is not None:
             self.history = self.ops.push(self.history, column)
+
+    def logprobs(self, logits: Any, tokens: list[int], k: int) -> tuple[Any, Any, Any]:
+        """The model's log-probabilities of ``tokens`` (one per row of ``logits``) and its ``k`` likeliest.
+
+        They come from the raw logits (before the repetition penalty, temperature and filters, as
+        mlx-lm's and vLLM's servers report them): what the model thinks, whatever the sampling.
+        Returns device arrays: the chosen tokens' (B,), the top values (B, k) and their ids (B, k).
+        """
+        logprobs = self.ops.log_softmax(logits)
+        chosen = self.ops.gather(logprobs, self.ops.ids([[t] for t in tokens]))[:, 0]
+        values, order = self.ops.sort_descending(logprobs)
+        return chosen, values[:, :k], order[:, :k]
 
     def __call__(self, logits: Any) -> Any:
         ops, p = self.ops, self.params

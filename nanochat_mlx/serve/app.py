@@ -8,6 +8,7 @@ job, which leaves the batch at the next step.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import secrets
 import time
@@ -24,7 +25,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .protocol import ApiError, Generation, Limits, chat_messages, completion_prompt, generation
-from .scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler, Started
+from .scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler, Started, TokenLogprob
 
 WEB = Path(__file__).resolve().parent / "web"
 
@@ -46,6 +47,7 @@ class Reply:
         self.prose = [""] * n  # the texts without the calculator's markup
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.tools: list[list[dict]] = [[] for _ in range(n)]
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
         self.completion_tokens = 0
         self.prompt_tokens = 0
@@ -111,7 +113,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         sink = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)  # noqa: E731
-        job = Job(tokens, gen.params, sink, gen.n, gen.stops, gen.ignore_eos)
+        job = Job(tokens, gen.params, sink, gen.n, gen.stops, gen.ignore_eos, gen.logprobs)
         try:
             scheduler.submit(job)
         except QueueFull as e:
@@ -138,6 +140,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
                     reply.texts[event.index] += event.text
                     reply.prose[event.index] += event.text if event.prose is None else event.prose
                     reply.tokens[event.index] += event.tokens
+                    reply.logprobs[event.index] += event.logprobs or []
                     if event.tool:
                         reply.tools[event.index].append(event.tool)
                 elif isinstance(event, Finished):
@@ -181,7 +184,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         tokens = chat_tokens(engine.tokenizer, messages, engine.context_limit)
         reply, meta, stream = await start(request, tokens, gen, engine, "chatcmpl")
         if gen.stream:
-            return sse(chat_chunks(stream, reply, gen, meta))
+            return sse(chat_chunks(stream, reply, gen, meta, engine.tokenizer))
         async for _ in stream:
             pass
         choices = []
@@ -191,26 +194,30 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
                 message["nanochat_text"] = reply.prose[i]
             if reply.tools[i]:
                 message["nanochat_tool_calls"] = reply.tools[i]
-            choice = {"index": i, "message": message, "logprobs": None, "finish_reason": reply.finish[i]}
+            logprobs = chat_logprobs(engine.tokenizer, reply.logprobs[i]) if gen.logprobs is not None else None
+            choice = {"index": i, "message": message, "logprobs": logprobs, "finish_reason": reply.finish[i]}
             choices.append(choice | token_ids(body, reply, i))
         return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": reply.usage()})
 
-    async def chat_chunks(stream: AsyncIterator, reply: Reply, gen: Generation, meta: dict) -> AsyncIterator[dict]:
-        def chunk(index: int, delta: dict, finish: str | None = None) -> dict:
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    async def chat_chunks(
+        stream: AsyncIterator, reply: Reply, gen: Generation, meta: dict, tokenizer
+    ) -> AsyncIterator[dict]:
+        def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return {**meta, "object": "chat.completion.chunk", "choices": [choice]} | usage_null
 
         usage_null = {"usage": None} if gen.include_usage else {}
         for i in range(gen.n):
             yield chunk(i, {"role": "assistant", "content": ""})
         async for event in stream:
-            if isinstance(event, Delta) and (event.text or event.tool):
+            if isinstance(event, Delta) and (event.text or event.tool or event.logprobs):
                 delta = {"content": event.text}
                 if event.prose is not None:
                     delta["nanochat_text"] = event.prose
                 if event.tool:
                     delta["nanochat_tool_call"] = event.tool
-                yield chunk(event.index, delta)
+                logprobs = chat_logprobs(tokenizer, event.logprobs) if event.logprobs else None
+                yield chunk(event.index, delta, logprobs=logprobs)
             elif isinstance(event, Finished):
                 yield chunk(event.index, {}, event.reason)
         if gen.include_usage:
@@ -224,7 +231,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         prompt = completion_prompt(body, limits)
         if field_set(body, "echo") or field_set(body, "suffix") or (body.get("best_of") or 1) != 1:
             raise ApiError(400, "'echo', 'suffix' and 'best_of' are not supported")
-        gen = generation(body, limits, scheduler.max_rows)
+        gen = generation(body, limits, scheduler.max_rows, chat=False)
         tok = engine.tokenizer
         if isinstance(prompt, str):
             tokens = [tok.get_bos_token_id(), *tok.encode(prompt)]
@@ -234,23 +241,27 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
             tokens = list(prompt)
         reply, meta, stream = await start(request, tokens, gen, engine, "cmpl")
         if gen.stream:
-            return sse(completion_chunks(stream, reply, gen, meta))
+            return sse(completion_chunks(stream, reply, gen, meta, tok))
         async for _ in stream:
             pass
-        choices = [
-            {"index": i, "text": reply.texts[i], "logprobs": None, "finish_reason": reply.finish[i]}
-            | token_ids(body, reply, i)
-            for i in range(gen.n)
-        ]
+        choices = []
+        for i in range(gen.n):
+            logprobs = completion_logprobs(tok, reply.logprobs[i]) if gen.logprobs is not None else None
+            choice = {"index": i, "text": reply.texts[i], "logprobs": logprobs, "finish_reason": reply.finish[i]}
+            choices.append(choice | token_ids(body, reply, i))
         return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": reply.usage()})
 
-    async def completion_chunks(stream, reply: Reply, gen: Generation, meta: dict) -> AsyncIterator[dict]:
+    async def completion_chunks(stream, reply: Reply, gen: Generation, meta: dict, tokenizer) -> AsyncIterator[dict]:
         usage_null = {"usage": None} if gen.include_usage else {}
+        offsets = [0] * gen.n  # where each choice's next token text starts
         async for event in stream:
-            if isinstance(event, Finished) or isinstance(event, Delta) and event.text:
-                text = event.text if isinstance(event, Delta) else ""
+            if isinstance(event, Finished) or isinstance(event, Delta) and (event.text or event.logprobs):
+                text, logprobs = (event.text, event.logprobs) if isinstance(event, Delta) else ("", None)
                 finish = event.reason if isinstance(event, Finished) else None
-                choice = {"index": event.index, "text": text, "logprobs": None, "finish_reason": finish}
+                if logprobs:
+                    logprobs = completion_logprobs(tokenizer, logprobs, offsets[event.index])
+                    offsets[event.index] += sum(len(t) for t in logprobs["tokens"])
+                choice = {"index": event.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
                 yield {**meta, "object": "text_completion", "choices": [choice]} | usage_null
         if gen.include_usage:
             yield {**meta, "object": "text_completion", "choices": [], "usage": reply.usage()}
@@ -287,6 +298,27 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
     ]
     handlers = {ApiError: api_error, 404: not_found, 405: not_found}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
+
+
+def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
+    """Chat's ``logprobs`` object: each output token, its bytes and its likeliest alternatives."""
+
+    def token(t: int, logprob: float) -> dict:
+        return {"token": tokenizer.decode([t]), "logprob": logprob, "bytes": list(tokenizer.decode_bytes([t]))}
+
+    content = [token(e.token, e.logprob) | {"top_logprobs": [token(t, lp) for t, lp in e.top]} for e in entries]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tokenizer, entries: list[TokenLogprob], offset: int = 0) -> dict:
+    """The legacy completions' ``logprobs`` object; ``text_offset`` counts from ``offset`` in the text."""
+    tokens = [tokenizer.decode([e.token]) for e in entries]
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in e.top} for e in entries],
+        "text_offset": list(itertools.accumulate((len(t) for t in tokens), initial=offset))[:-1],
+    }
 
 
 def token_ids(body: dict, reply: Reply, index: int) -> dict:

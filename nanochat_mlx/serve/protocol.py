@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import NanochatError
-from ..sampling import SamplingParams
+from ..sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 # The reference chat server's sampling defaults.
 DEFAULT_TEMPERATURE = 0.8
@@ -55,6 +55,7 @@ class Generation:
     stream: bool
     include_usage: bool
     ignore_eos: bool = False  # vLLM's extension: decode max_tokens whatever the model's terminal tokens
+    logprobs: int | None = None  # each token's log-probability, with this many alternatives
 
 
 _MISSING = object()
@@ -78,7 +79,7 @@ def ranged(body: dict, name: str, kinds, lo, hi, default, what: str):
     return value
 
 
-def generation(body: dict, limits: Limits, max_rows: int) -> Generation:
+def generation(body: dict, limits: Limits, max_rows: int, chat: bool = True) -> Generation:
     """The sampling options, n, stop strings and streaming flags of a (chat) completion request."""
     number = (int, float)
     temperature = ranged(body, "temperature", number, 0.0, limits.max_temperature, DEFAULT_TEMPERATURE, "a number")
@@ -96,8 +97,6 @@ def generation(body: dict, limits: Limits, max_rows: int) -> Generation:
                 "as mlx-lm and llama.cpp call it; use that)",
                 param=name,
             )
-    if field(body, "logprobs", (bool, int), "a boolean"):
-        raise ApiError(400, "'logprobs' is not supported", param="logprobs")
     if field(body, "tools", (list,), "a list"):
         raise ApiError(400, "'tools' is not supported: the model's calculator tool runs on the server", param="tools")
     max_tokens = ranged(body, "max_completion_tokens", (int,), 1, limits.max_tokens, None, "an integer")
@@ -113,6 +112,9 @@ def generation(body: dict, limits: Limits, max_rows: int) -> Generation:
     options = field(body, "stream_options", (dict,), "an object", {})
     include_usage = field(options, "include_usage", (bool,), "a boolean", False)
     ignore_eos = field(body, "ignore_eos", (bool,), "a boolean", False)
+    logprobs = (
+        requested_logprobs(body) if chat else ranged(body, "logprobs", (int,), 0, MAX_TOP_LOGPROBS, None, "an integer")
+    )
     try:
         params = SamplingParams(
             temperature=float(temperature),
@@ -126,7 +128,16 @@ def generation(body: dict, limits: Limits, max_rows: int) -> Generation:
         )
     except NanochatError as e:
         raise ApiError(400, str(e)) from None
-    return Generation(params, n, tuple(stops), stream, include_usage, ignore_eos)
+    return Generation(params, n, tuple(stops), stream, include_usage, ignore_eos, logprobs)
+
+
+def requested_logprobs(body: dict) -> int | None:
+    """Chat's ``logprobs`` (a boolean) and ``top_logprobs`` (the alternatives) as one count, or None."""
+    wanted = field(body, "logprobs", (bool,), "a boolean", False)
+    top = ranged(body, "top_logprobs", (int,), 0, MAX_TOP_LOGPROBS, None, "an integer")
+    if top is not None and not wanted:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def chat_messages(body: dict, limits: Limits) -> list[dict]:

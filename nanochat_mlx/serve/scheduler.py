@@ -43,12 +43,22 @@ class QueueFull(Exception):
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model and its likeliest alternatives."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token, log-probability), the likeliest first
+
+
+@dataclass
 class Delta:
     index: int  # the choice
     text: str
     tokens: list[int]  # the tokens this text came from (forced tool outputs included)
     tool: dict | None = None  # a calculator call: {"expression": ..., "output": ...}
     prose: str | None = None  # the text without the tool's markup, when it differs (for display)
+    logprobs: list[TokenLogprob] | None = None  # when the job asked: one per output token
 
 
 @dataclass
@@ -82,6 +92,7 @@ class Job:
     n: int = 1
     stops: tuple[str, ...] = ()
     ignore_eos: bool = False  # no terminal tokens: decode params.max_tokens
+    logprobs: int | None = None  # report each token's log-probability with this many alternatives
     cancelled: bool = False
     # Set on the model thread.
     cache: Any = None
@@ -115,6 +126,7 @@ class _Step:
     rows: list[_BatchRow]
     greedy: Any  # (B,) ids of the greedy rows' argmax, or None
     sampled: list[Any]  # per row: its own sampler's (1,) ids, or None (greedy)
+    logits: Any = None  # (B, V), kept when a row's job asked for log-probabilities
 
     def lazy_id(self, i: int) -> Any:
         """Row i's sampled id as a device scalar (fed to the next step without reading it)."""
@@ -285,7 +297,8 @@ class Scheduler:
         with self._lock:
             self._rows.extend(rows)
         for row in rows:
-            self._advance(row, greedy_id if row.sampler is None else runner.to_list(row.sampler(logits))[0], 1)
+            token = greedy_id if row.sampler is None else runner.to_list(row.sampler(logits))[0]
+            self._advance(row, token, 1, logits)
 
     def _decode_step(self) -> None:
         """Feed every row its last token in one batched step, sample each row, advance them.
@@ -356,7 +369,8 @@ class Scheduler:
         for ids in [greedy, *sampled]:
             if ids is not None:
                 runner.schedule(ids)
-        return _Step(rows, greedy, sampled)
+        wanted = any(r.job.logprobs is not None for r in rows)
+        return _Step(rows, greedy, sampled, logits if wanted else None)
 
     def _read(self, step: _Step) -> None:
         """Read a step's ids back and advance its rows that are still running."""
@@ -370,25 +384,37 @@ class Scheduler:
             token = greedy[i] if step.sampled[i] is None else runner.to_list(step.sampled[i])[0]
             if row in fed_ahead:  # the step scheduled ahead was fed this token
                 row.fed.append(token)
+            logits = step.logits[i : i + 1] if step.logits is not None else None
             if row.state.forced:  # the calculator's output replaces the sampled token
-                self._advance(row, row.state.forced.popleft(), 0)
+                self._advance(row, row.state.forced.popleft(), 0, logits)
             else:
-                self._advance(row, token, 1)
+                self._advance(row, token, 1, logits)
 
-    def _advance(self, row: _BatchRow, token: int, mask: int) -> None:
-        """Apply one token to a row: tool state machine, text, stop tokens and strings, limits."""
+    def _advance(self, row: _BatchRow, token: int, mask: int, logits: Any = None) -> None:
+        """Apply one token to a row: tool state machine, text, stop tokens and strings, limits.
+        ``logits`` (1, V) are the ones it was chosen from (for the log-probabilities)."""
         pieces, call = row.state.advance(token)
         row.generated += 1
         tool = {"expression": call.expression, "output": call.result} if call is not None else None
         text = "".join(p.text for p in pieces)
         prose = "".join(p.text for p in pieces if p.kind == "text")
-        row.job.sink(Delta(row.index, text, [token], tool, prose if prose != text else None))
+        logprobs = self._logprobs(row, token, logits)
+        row.job.sink(Delta(row.index, text, [token], tool, prose if prose != text else None, logprobs))
         if row.state.finished:
             self._finish(row, "stop")
         elif row.generated >= row.max_tokens:
             self._finish(row, "length")
         else:
             row.next_token = token
+
+    def _logprobs(self, row: _BatchRow, token: int, logits: Any) -> list[TokenLogprob] | None:
+        """``token``'s log-probabilities when its job asked; a terminal token has none (it is no output)."""
+        k = row.job.logprobs
+        if k is None or logits is None or row.state.finished == "eos":
+            return None
+        to_list = self.engine.runner.to_list
+        chosen, values, ids = self._greedy.logprobs(logits, [token], k)
+        return [TokenLogprob(token, to_list(chosen)[0], list(zip(to_list(ids)[0], to_list(values)[0], strict=True)))]
 
     def _finish(self, row: _BatchRow, reason: str | None) -> None:
         """Take a row out of the batch; its cache goes to the prompt cache. ``reason`` None: cancelled."""

@@ -114,6 +114,7 @@ class MLXOps:
     argmax = staticmethod(lambda logits: mx.argmax(logits, axis=-1))
     kth_largest = staticmethod(lambda logits, k: mx.topk(logits, k, axis=-1).min(axis=-1, keepdims=True))
     softmax = staticmethod(lambda x: mx.softmax(x, axis=-1))
+    log_softmax = staticmethod(lambda x: (x := x.astype(mx.float32)) - mx.logsumexp(x, axis=-1, keepdims=True))
     row_max = staticmethod(lambda x: x.max(axis=-1, keepdims=True))
     cumsum = staticmethod(lambda x: mx.cumsum(x, axis=-1))
     unsort = staticmethod(lambda values, order: mx.take_along_axis(values, mx.argsort(order, axis=-1), axis=-1))

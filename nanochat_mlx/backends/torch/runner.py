@@ -120,6 +120,7 @@ class TorchOps:
     argmax = staticmethod(lambda logits: logits.argmax(-1))  # the first maximum, as the reference
     kth_largest = staticmethod(lambda logits, k: logits.topk(k, -1).values[..., -1:])
     softmax = staticmethod(lambda x: torch.softmax(x, -1))
+    log_softmax = staticmethod(lambda x: torch.log_softmax(x.float(), -1))
     row_max = staticmethod(lambda x: x.amax(-1, keepdim=True))
     cumsum = staticmethod(lambda x: x.cumsum(-1))
     unsort = staticmethod(lambda values, order: torch.empty_like(values).scatter(-1, order, values))
