@@ -1,9 +1,9 @@
-"""Log-probabilities from ``nanochat-mlx serve``: OpenAI's ``logprobs`` fields, the reference's numbers.
+"""Log-probabilities, echo and batched prompts from ``nanochat-mlx serve``, against the reference.
 
-The real server (a subprocess on the g1 fixture, both backends) through the official ``openai``
-client. Each generated token's log-probability is the log-softmax of the model's raw logits, so a
-one-token completion of a prefix of a fixture prompt must list the reference's own full-forward
-log-softmax of that position.
+The real server (a subprocess on the g1 fixture, both backends, prompts read in chunks of 16
+tokens) through the official ``openai`` client. Each token's log-probability is the log-softmax of
+the model's raw logits, so a one-token completion of a prefix of a fixture prompt, and an echoed
+(scored) prompt, must list the reference's own full-forward log-softmax.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import openai
 import pytest
-from conftest import expected_json, expected_npz
+from conftest import expected_json, expected_npz, variant_dir
 from servers import serve
 from test_serve import post
+
+from nanochat_mlx.tokenizer import Tokenizer
 
 BACKENDS = ["mlx", "torch"]
 GREEDY = {"temperature": 0, "extra_body": {"top_k": 0}}
@@ -24,7 +26,7 @@ GREEDY = {"temperature": 0, "extra_body": {"top_k": 0}}
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request):
-    with serve("--max-concurrency", "8", backend=request.param) as s:
+    with serve("--max-concurrency", "8", "--prefill-chunk", "16", backend=request.param) as s:
         yield s
 
 
@@ -117,6 +119,69 @@ def test_a_batched_requests_logprobs_equal_its_solo_ones(client, server):
     assert server.health()["peak_running"] >= 2  # they did share decode steps
 
 
+# --- echo: a prompt's own log-probabilities ---------------------------------------------------
+
+
+def test_an_echoed_prompt_is_scored_as_the_reference_scores_it(client):
+    ids, expected = prompt_ids("p3_long"), reference_log_softmax("p3_long")
+    reply = client.completions.create(model="m", prompt=ids, max_tokens=0, echo=True, logprobs=1, **GREEDY)
+    logprobs = reply.choices[0].logprobs
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None  # nothing predicts it
+    want = [expected[i - 1, ids[i]] for i in range(1, len(ids))]
+    assert logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert reply.choices[0].text == Tokenizer.from_pickle(variant_dir("g1") / "tokenizer" / "tokenizer.pkl").decode(ids)
+    assert len(logprobs.tokens) == len(ids)
+    assert reply.usage.completion_tokens == 0
+
+
+def test_lm_eval_harness_loglikelihood_request(client):
+    """What lm-evaluation-harness's ``local-completions`` sends to score a continuation."""
+    ids, expected = prompt_ids("p1_short"), reference_log_softmax("p1_short")
+    context = 12
+    reply = client.completions.create(model="m", prompt=[ids], max_tokens=1, echo=True, logprobs=1, temperature=0)
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == len(ids) + 1  # the prompt, then one generated token
+    continuation = sum(logprobs.token_logprobs[context:-1])
+    assert continuation == pytest.approx(sum(expected[i - 1, ids[i]] for i in range(context, len(ids))), abs=1e-3)
+
+
+def test_echo_without_logprobs_puts_the_prompt_before_the_reply(client):
+    plain = client.completions.create(model="m", prompt="The robot", max_tokens=6, **GREEDY)
+    echoed = client.completions.create(model="m", prompt="The robot", max_tokens=6, echo=True, **GREEDY)
+    assert echoed.choices[0].text == "The robot" + plain.choices[0].text
+
+
+def test_a_streamed_echo_comes_first(client):
+    ask = dict(model="m", prompt="The robot", max_tokens=5, echo=True, logprobs=1, **GREEDY)
+    whole = client.completions.create(**ask).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**ask, stream=True) if c.choices]
+    assert chunks[0].text == "The robot"
+    assert "".join(c.text for c in chunks) == whole.text
+    tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+    assert tokens == whole.logprobs.tokens
+
+
+# --- several prompts in one request ------------------------------------------------------------
+
+
+def test_a_list_of_prompts_gives_their_choices_in_order(client):
+    prompts = ["The robot", "Once upon", "A ship"]
+    alone = [client.completions.create(model="m", prompt=p, max_tokens=8, **GREEDY).choices[0].text for p in prompts]
+    reply = client.completions.create(model="m", prompt=prompts, max_tokens=8, n=2, **GREEDY)
+    assert [c.index for c in reply.choices] == list(range(6))
+    assert [c.text for c in reply.choices] == [t for t in alone for _ in range(2)]  # prompt p's choice i: p*n + i
+
+
+def test_streamed_prompts_concatenate_per_choice(client):
+    prompts = [prompt_ids("p1_short")[:9], prompt_ids("p3_long")[:14]]
+    whole = client.completions.create(model="m", prompt=prompts, max_tokens=10, **GREEDY)
+    texts = ["", ""]
+    for c in client.completions.create(model="m", prompt=prompts, max_tokens=10, stream=True, **GREEDY):
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in whole.choices]
+
+
 @pytest.mark.parametrize(
     "path, body",
     [
@@ -131,3 +196,19 @@ def test_bad_logprobs_requests_are_400(server, path, body):
     base = {"messages": [{"role": "user", "content": "hi"}]} if path.startswith("chat") else {"prompt": "hi"}
     code, reply = post(f"{server.url}/v1/{path}", base | body)
     assert code == 400 and "logprobs" in reply["error"]["message"], reply
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        ({"prompt": "hi", "max_tokens": 0}, 400),  # nothing to do without echo
+        ({"prompt": ["hi", 7]}, 400),
+        ({"prompt": [[1, 2], []]}, 400),
+        ({"prompt": [[1, 2], [1, 10**6]]}, 400),  # a token id outside the vocabulary
+        ({"prompt": ["hi"] * 65}, 413),
+        ({"prompt": "hi", "echo": "yes"}, 400),
+    ],
+)
+def test_bad_prompt_batches_get_openai_errors(server, body, status):
+    code, reply = post(f"{server.url}/v1/completions", body)
+    assert code == status, reply

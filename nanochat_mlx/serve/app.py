@@ -13,7 +13,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -24,8 +24,8 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .protocol import ApiError, Generation, Limits, chat_messages, completion_prompt, generation
-from .scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler, Started, TokenLogprob
+from .protocol import ApiError, Generation, Limits, chat_messages, completion_prompts, generation
+from .scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler, Scored, Started, TokenLogprob
 
 WEB = Path(__file__).resolve().parent / "web"
 
@@ -40,9 +40,12 @@ class ServerConfig:
 
 
 class Reply:
-    """What the scheduler sent back for one job, gathered as it streams."""
+    """What the scheduler sent back for a request's jobs (``prompts`` of ``n`` choices), as it streams."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, prompts: int = 1) -> None:
+        self.n = n
+        n *= prompts
+        self.prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in range(prompts)]
         self.texts = [""] * n
         self.prose = [""] * n  # the texts without the calculator's markup
         self.tokens: list[list[int]] = [[] for _ in range(n)]
@@ -109,33 +112,47 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
             raise ApiError(400, f"the prompt is {len(tokens)} tokens; the model's context is {limit}",
                            param="messages", code="context_length_exceeded")  # fmt: skip
 
-    async def submit(tokens: list[int], gen: Generation) -> tuple[Job, asyncio.Queue]:
+    async def submit(prompts: list[list[int]], gen: Generation) -> tuple[list[Job], asyncio.Queue]:
+        """One job per prompt, their events on one queue as (prompt, event)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        sink = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)  # noqa: E731
-        job = Job(tokens, gen.params, sink, gen.n, gen.stops, gen.ignore_eos, gen.logprobs)
-        try:
-            scheduler.submit(job)
-        except QueueFull as e:
-            raise ApiError(429, str(e), "rate_limit_error", code="queue_full") from None
-        return job, queue
+        jobs = []
+        for p, tokens in enumerate(prompts):
+            sink = lambda ev, p=p: loop.call_soon_threadsafe(queue.put_nowait, (p, ev))  # noqa: E731
+            job = Job(tokens, gen.params, sink, gen.n, gen.stops, gen.ignore_eos, gen.logprobs, gen.score_prompt)
+            try:
+                scheduler.submit(job)
+            except QueueFull as e:
+                for queued in jobs:
+                    queued.cancel()
+                raise ApiError(429, str(e), "rate_limit_error", code="queue_full") from None
+            jobs.append(job)
+        return jobs, queue
 
-    async def events(job: Job, queue: asyncio.Queue, reply: Reply, request: Request) -> AsyncIterator:
-        """The job's events until it is over; the job is cancelled if the consumer stops early."""
+    async def events(jobs: list[Job], queue: asyncio.Queue, reply: Reply, request: Request) -> AsyncIterator:
+        """The jobs' events until all are over, as (prompt, event) with choice indices counted across
+        the prompts (prompt p's choice i is p*n + i); the jobs are cancelled if the consumer stops early."""
+        running = len(jobs)
         try:
-            while True:
+            while running:
                 try:
-                    event = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    p, event = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return
                     continue
                 if event is None:
-                    return
+                    running -= 1
+                    continue
                 if isinstance(event, Failed):
                     raise ApiError(500, f"generation failed: {event.message}", "server_error")
+                if isinstance(event, Delta | Finished):
+                    event = replace(event, index=p * reply.n + event.index)
                 if isinstance(event, Started):
-                    reply.prompt_tokens, reply.cached_tokens = event.prompt_tokens, event.cached_tokens
+                    reply.prompt_tokens += event.prompt_tokens
+                    reply.cached_tokens += event.cached_tokens
+                elif isinstance(event, Scored):
+                    reply.prompt_logprobs[p] = event.logprobs
                 elif isinstance(event, Delta):
                     reply.texts[event.index] += event.text
                     reply.prose[event.index] += event.text if event.prose is None else event.prose
@@ -146,9 +163,10 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
                 elif isinstance(event, Finished):
                     reply.finish[event.index] = event.reason
                     reply.completion_tokens += event.completion_tokens
-                yield event
+                yield p, event
         finally:
-            job.cancel()  # a no-op once every row has finished
+            for job in jobs:
+                job.cancel()  # a no-op once every row has finished
 
     # --- routes -------------------------------------------------------------------------------
     async def health(request: Request) -> Response:
@@ -166,13 +184,14 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
     def model_card() -> dict:
         return {"id": config.model_id, "object": "model", "created": started, "owned_by": "nanochat-mlx"}
 
-    async def start(request: Request, tokens: list[int], gen: Generation, engine, kind: str):
+    async def start(request: Request, prompts: list[list[int]], gen: Generation, engine, kind: str):
         """Queue a generation: its reply (filled as events arrive), the response's id fields, its events."""
-        check_context(tokens, gen, engine)
-        job, queue = await submit(tokens, gen)
-        reply = Reply(gen.n)
+        for tokens in prompts:
+            check_context(tokens, gen, engine)
+        jobs, queue = await submit(prompts, gen)
+        reply = Reply(gen.n, len(prompts))
         meta = {"id": f"{kind}-{secrets.token_hex(12)}", "created": int(time.time()), "model": config.model_id}
-        return reply, meta, events(job, queue, reply, request)
+        return reply, meta, events(jobs, queue, reply, request)
 
     async def chat_completions(request: Request) -> Response:
         authorize(request)
@@ -182,7 +201,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         messages = chat_messages(body, limits)
         gen = generation(body, limits, scheduler.max_rows)
         tokens = chat_tokens(engine.tokenizer, messages, engine.context_limit)
-        reply, meta, stream = await start(request, tokens, gen, engine, "chatcmpl")
+        reply, meta, stream = await start(request, [tokens], gen, engine, "chatcmpl")
         if gen.stream:
             return sse(chat_chunks(stream, reply, gen, meta, engine.tokenizer))
         async for _ in stream:
@@ -209,7 +228,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         usage_null = {"usage": None} if gen.include_usage else {}
         for i in range(gen.n):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for event in stream:
+        async for _, event in stream:
             if isinstance(event, Delta) and (event.text or event.tool or event.logprobs):
                 delta = {"content": event.text}
                 if event.prose is not None:
@@ -228,41 +247,52 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         engine = engine_or_503()
         body = await read_json(request)
         check_model(body)
-        prompt = completion_prompt(body, limits)
-        if field_set(body, "echo") or field_set(body, "suffix") or (body.get("best_of") or 1) != 1:
-            raise ApiError(400, "'echo', 'suffix' and 'best_of' are not supported")
+        prompts = completion_prompts(body, limits)
+        if field_set(body, "suffix") or (body.get("best_of") or 1) != 1:
+            raise ApiError(400, "'suffix' and 'best_of' are not supported")
         gen = generation(body, limits, scheduler.max_rows, chat=False)
         tok = engine.tokenizer
-        if isinstance(prompt, str):
-            tokens = [tok.get_bos_token_id(), *tok.encode(prompt)]
-        else:
-            if not all(0 <= t < tok.vocab_size for t in prompt):
-                raise ApiError(400, f"token ids must be in 0..{tok.vocab_size - 1}", param="prompt")
-            tokens = list(prompt)
-        reply, meta, stream = await start(request, tokens, gen, engine, "cmpl")
+        reply, meta, stream = await start(request, [prompt_tokens(tok, p) for p in prompts], gen, engine, "cmpl")
+        echo = Echo(tok, prompts, reply) if gen.echo else None
         if gen.stream:
-            return sse(completion_chunks(stream, reply, gen, meta, tok))
+            return sse(completion_chunks(stream, reply, gen, meta, tok, echo))
         async for _ in stream:
             pass
         choices = []
-        for i in range(gen.n):
-            logprobs = completion_logprobs(tok, reply.logprobs[i]) if gen.logprobs is not None else None
-            choice = {"index": i, "text": reply.texts[i], "logprobs": logprobs, "finish_reason": reply.finish[i]}
-            choices.append(choice | token_ids(body, reply, i))
+        for c, text in enumerate(reply.texts):
+            logprobs = None
+            if gen.logprobs is not None:
+                logprobs = completion_logprobs(tok, reply.logprobs[c], len(echo.text(c)) if echo else 0)
+            if echo:
+                text = echo.text(c) + text
+                logprobs = joined(echo.logprobs(c), logprobs) if logprobs is not None else None
+            choice = {"index": c, "text": text, "logprobs": logprobs, "finish_reason": reply.finish[c]}
+            choices.append(choice | token_ids(body, reply, c))
         return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": reply.usage()})
 
-    async def completion_chunks(stream, reply: Reply, gen: Generation, meta: dict, tokenizer) -> AsyncIterator[dict]:
+    async def completion_chunks(
+        stream, reply: Reply, gen: Generation, meta: dict, tokenizer, echo: Echo | None
+    ) -> AsyncIterator[dict]:
+        def chunk(c: int, text: str, logprobs: dict | None = None, finish: str | None = None) -> dict:
+            choice = {"index": c, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            return {**meta, "object": "text_completion", "choices": [choice]} | usage_null
+
         usage_null = {"usage": None} if gen.include_usage else {}
-        offsets = [0] * gen.n  # where each choice's next token text starts
-        async for event in stream:
-            if isinstance(event, Finished) or isinstance(event, Delta) and (event.text or event.logprobs):
-                text, logprobs = (event.text, event.logprobs) if isinstance(event, Delta) else ("", None)
-                finish = event.reason if isinstance(event, Finished) else None
-                if logprobs:
-                    logprobs = completion_logprobs(tokenizer, logprobs, offsets[event.index])
+        offsets = [0] * len(reply.texts)  # where each choice's next token text starts
+        async for p, event in stream:
+            # The echo opens each of the prompt's choices, once it is scored (or at once, unscored).
+            if echo and isinstance(event, Scored if gen.score_prompt else Started):
+                for c in range(p * reply.n, (p + 1) * reply.n):
+                    offsets[c] = len(echo.text(c))
+                    yield chunk(c, echo.text(c), echo.logprobs(c) if gen.score_prompt else None)
+            elif isinstance(event, Delta) and (event.text or event.logprobs):
+                logprobs = None
+                if event.logprobs:
+                    logprobs = completion_logprobs(tokenizer, event.logprobs, offsets[event.index])
                     offsets[event.index] += sum(len(t) for t in logprobs["tokens"])
-                choice = {"index": event.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-                yield {**meta, "object": "text_completion", "choices": [choice]} | usage_null
+                yield chunk(event.index, event.text, logprobs)
+            elif isinstance(event, Finished):
+                yield chunk(event.index, "", None, event.reason)
         if gen.include_usage:
             yield {**meta, "object": "text_completion", "choices": [], "usage": reply.usage()}
 
@@ -300,6 +330,37 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
 
 
+def prompt_tokens(tokenizer, prompt: str | list[int]) -> list[int]:
+    """A completion prompt's tokens: a string's after ``<|bos|>``, a list of ids as given."""
+    if isinstance(prompt, str):
+        return [tokenizer.get_bos_token_id(), *tokenizer.encode(prompt)]
+    if not all(0 <= t < tokenizer.vocab_size for t in prompt):
+        raise ApiError(400, f"token ids must be in 0..{tokenizer.vocab_size - 1}", param="prompt")
+    return list(prompt)
+
+
+class Echo:
+    """``echo``: each choice's prompt as given (a string without the ``<|bos|>`` put before it) and,
+    once scored, its tokens' log-probabilities (a list of ids: the first has none)."""
+
+    def __init__(self, tokenizer, prompts: list[str | list[int]], reply: Reply) -> None:
+        self.tokenizer, self.prompts, self.reply = tokenizer, prompts, reply
+
+    def text(self, choice: int) -> str:
+        prompt = self.prompts[choice // self.reply.n]
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+
+    def logprobs(self, choice: int) -> dict:
+        p = choice // self.reply.n
+        scored = self.reply.prompt_logprobs[p]
+        return completion_logprobs(self.tokenizer, scored[1:] if isinstance(self.prompts[p], str) else scored)
+
+
+def joined(first: dict, then: dict) -> dict:
+    """Two legacy ``logprobs`` objects, one after the other."""
+    return {key: first[key] + then[key] for key in first}
+
+
 def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
     """Chat's ``logprobs`` object: each output token, its bytes and its likeliest alternatives."""
 
@@ -316,7 +377,7 @@ def completion_logprobs(tokenizer, entries: list[TokenLogprob], offset: int = 0)
     return {
         "tokens": tokens,
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in e.top} for e in entries],
+        "top_logprobs": [None if e.top is None else {tokenizer.decode([t]): lp for t, lp in e.top} for e in entries],
         "text_offset": list(itertools.accumulate((len(t) for t in tokens), initial=offset))[:-1],
     }
 

@@ -21,6 +21,7 @@ DEFAULT_TOP_K = 50
 DEFAULT_MAX_TOKENS = 512
 MAX_STOPS = 4  # as OpenAI
 MAX_SEED = 2**62  # choice i of n samples with seed + i: every backend's generator takes it
+MAX_PROMPTS = 64  # prompts one /v1/completions request may batch (each is queued as its own job)
 
 
 class ApiError(Exception):
@@ -56,6 +57,11 @@ class Generation:
     include_usage: bool
     ignore_eos: bool = False  # vLLM's extension: decode max_tokens whatever the model's terminal tokens
     logprobs: int | None = None  # each token's log-probability, with this many alternatives
+    echo: bool = False  # /v1/completions: the prompt comes back before the reply (scored with logprobs)
+
+    @property
+    def score_prompt(self) -> bool:
+        return self.echo and self.logprobs is not None
 
 
 _MISSING = object()
@@ -99,9 +105,11 @@ def generation(body: dict, limits: Limits, max_rows: int, chat: bool = True) -> 
             )
     if field(body, "tools", (list,), "a list"):
         raise ApiError(400, "'tools' is not supported: the model's calculator tool runs on the server", param="tools")
-    max_tokens = ranged(body, "max_completion_tokens", (int,), 1, limits.max_tokens, None, "an integer")
+    echo = False if chat else field(body, "echo", (bool,), "a boolean", False)
+    fewest = 0 if echo else 1  # an echoed prompt may be only scored
+    max_tokens = ranged(body, "max_completion_tokens", (int,), fewest, limits.max_tokens, None, "an integer")
     if max_tokens is None:
-        max_tokens = ranged(body, "max_tokens", (int,), 1, limits.max_tokens, DEFAULT_MAX_TOKENS, "an integer")
+        max_tokens = ranged(body, "max_tokens", (int,), fewest, limits.max_tokens, DEFAULT_MAX_TOKENS, "an integer")
     n = ranged(body, "n", (int,), 1, max_rows, 1, "an integer")
     seed = ranged(body, "seed", (int,), 0, MAX_SEED, None, "an integer")
     stop = field(body, "stop", (str, list), "a string or a list of strings", [])
@@ -128,7 +136,7 @@ def generation(body: dict, limits: Limits, max_rows: int, chat: bool = True) -> 
         )
     except NanochatError as e:
         raise ApiError(400, str(e)) from None
-    return Generation(params, n, tuple(stops), stream, include_usage, ignore_eos, logprobs)
+    return Generation(params, n, tuple(stops), stream, include_usage, ignore_eos, logprobs, echo)
 
 
 def requested_logprobs(body: dict) -> int | None:
@@ -194,14 +202,20 @@ def message_text(content: Any, name: str) -> str:
     raise ApiError(400, f"{name} must be a string or a list of text parts", param=name)
 
 
-def completion_prompt(body: dict, limits: Limits) -> str | list[int]:
-    """/v1/completions' prompt: one string, or one list of token ids used exactly as given."""
+def completion_prompts(body: dict, limits: Limits) -> list[str | list[int]]:
+    """/v1/completions' prompts: a string or a list of token ids (used exactly as given), or a list
+    of either (up to MAX_PROMPTS, answered as ``n`` choices each, in order)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        if len(prompt) > limits.max_total_chars:
-            too_long = f"the prompt is too long: at most {limits.max_total_chars} characters"
-            raise ApiError(413, too_long, code="too_large")
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    raise ApiError(400, "'prompt' must be a string or a non-empty list of token ids (one prompt)", param="prompt")
+    batch = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list) else [prompt]
+    if len(batch) > MAX_PROMPTS:
+        raise ApiError(413, f"too many prompts: at most {MAX_PROMPTS}", param="prompt", code="too_large")
+    if sum(len(p) for p in batch if isinstance(p, str)) > limits.max_total_chars:
+        too_long = f"the prompt is too long: at most {limits.max_total_chars} characters"
+        raise ApiError(413, too_long, param="prompt", code="too_large")
+    for p in batch:
+        ids = isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+        if not (isinstance(p, str) or ids):
+            raise ApiError(
+                400, "'prompt' must be a string, a non-empty list of token ids, or a list of those", param="prompt"
+            )
+    return batch

@@ -47,8 +47,8 @@ class TokenLogprob:
     """A generated token's log-probability under the model and its likeliest alternatives."""
 
     token: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token, log-probability), the likeliest first
+    logprob: float | None  # None: a prompt's first token (nothing before it to predict it)
+    top: list[tuple[int, float]] | None  # (token, log-probability), the likeliest first
 
 
 @dataclass
@@ -75,11 +75,18 @@ class Started:
 
 
 @dataclass
+class Scored:
+    """A prompt's log-probabilities (``Job.score_prompt``): each token given those before it."""
+
+    logprobs: list[TokenLogprob]
+
+
+@dataclass
 class Failed:
     message: str
 
 
-Event = Delta | Finished | Started | Failed
+Event = Delta | Finished | Started | Scored | Failed
 
 
 @dataclass
@@ -93,6 +100,7 @@ class Job:
     stops: tuple[str, ...] = ()
     ignore_eos: bool = False  # no terminal tokens: decode params.max_tokens
     logprobs: int | None = None  # report each token's log-probability with this many alternatives
+    score_prompt: bool = False  # the prompt's tokens' log-probabilities too (prefilled alone, uncached)
     cancelled: bool = False
     # Set on the model thread.
     cache: Any = None
@@ -238,7 +246,7 @@ class Scheduler:
         """With nothing decoding, prefill the first admitted job a chunk at a time until its rows run."""
         while not self._rows and (jobs := self._admit()):
             job = jobs[0]
-            if self._begin(job):
+            if self._begin(job) and not self._score(job):
                 end = min(len(job.tokens), job.prefilled + self.prefill_chunk)
                 logits = self.engine.runner.prefill(job.tokens[job.prefilled : end], job.cache)
                 self._prefilled(job, end - job.prefilled, logits)
@@ -249,7 +257,7 @@ class Scheduler:
         for job in self._admit():
             if budget == 0:
                 break
-            if self._begin(job):
+            if self._begin(job) and not self._score(job):
                 chunk = job.tokens[job.prefilled : job.prefilled + budget]
                 riders.append((job, chunk))
                 budget -= len(chunk)
@@ -263,10 +271,40 @@ class Scheduler:
             job.sink(None)
             return False
         if job.cache is None:
-            job.cache, job.cached = self.prompt_cache.fetch(job.tokens)
+            # A scored prompt starts from nothing: a cached prefix comes without its logits.
+            cached = (self.engine.runner.make_cache(), 0) if job.score_prompt else self.prompt_cache.fetch(job.tokens)
+            job.cache, job.cached = cached
             job.prefilled = job.cached
             job.sink(Started(len(job.tokens), job.cached))
         return True
+
+    def _score(self, job: Job) -> bool:
+        """Prefill a prompt to be scored, alone and whole, keeping each token's log-probability.
+
+        Scoring needs every position's logits, which a chunk riding along a decode step does
+        not keep, so the running rows wait for it (as for a prefill before batching). False when
+        ``job`` is not to be scored.
+        """
+        if not job.score_prompt:
+            return False
+        runner, tokens = self.engine.runner, job.tokens
+        scored = [TokenLogprob(tokens[0], None, None)]
+        for start in range(0, len(tokens), self.prefill_chunk):
+            chunk = tokens[start : start + self.prefill_chunk]
+            logits = runner.prompt_logits(chunk, job.cache)
+            following = tokens[start + 1 : start + 1 + len(chunk)]  # what each position predicts
+            if following:
+                scored += self._entries(logits[: len(following)], following, job.logprobs or 0)
+        job.sink(Scored(scored))
+        self._prefilled(job, len(tokens), logits[-1:])
+        return True
+
+    def _entries(self, logits: Any, tokens: list[int], k: int) -> list[TokenLogprob]:
+        """The log-probabilities of ``tokens``, one per row of ``logits``, and the ``k`` likeliest."""
+        to_list = self.engine.runner.to_list
+        chosen, values, ids = (to_list(a) for a in self._greedy.logprobs(logits, tokens, k))
+        pairs = zip(tokens, chosen, ids, values, strict=True)
+        return [TokenLogprob(t, c, list(zip(i, v, strict=True))) for t, c, i, v in pairs]
 
     def _prefilled(self, job: Job, n: int, logits: Any) -> None:
         """``n`` more prompt tokens of ``job`` have run (``logits``: the last one's); when that was
@@ -278,7 +316,14 @@ class Scheduler:
         runner = engine.runner
         with self._lock:
             self._prefilling.remove(job)
-        max_tokens = min(job.params.max_tokens or engine.context_limit, engine.context_limit - len(job.tokens))
+        wanted = job.params.max_tokens if job.params.max_tokens is not None else engine.context_limit
+        max_tokens = min(wanted, engine.context_limit - len(job.tokens))
+        if max_tokens == 0:  # a prompt scored without a reply (echo, max_tokens 0)
+            for i in range(job.n):
+                job.sink(Finished(i, "length", 0))
+            self.prompt_cache.store(list(job.tokens), job.cache)
+            job.sink(None)
+            return
         caches = [job.cache] + [runner.clone_cache(job.cache) for _ in range(job.n - 1)]
         rows = []
         params = job.params
@@ -412,9 +457,7 @@ class Scheduler:
         k = row.job.logprobs
         if k is None or logits is None or row.state.finished == "eos":
             return None
-        to_list = self.engine.runner.to_list
-        chosen, values, ids = self._greedy.logprobs(logits, [token], k)
-        return [TokenLogprob(token, to_list(chosen)[0], list(zip(to_list(ids)[0], to_list(values)[0], strict=True)))]
+        return self._entries(logits, [token], k)
 
     def _finish(self, row: _BatchRow, reason: str | None) -> None:
         """Take a row out of the batch; its cache goes to the prompt cache. ``reason`` None: cancelled."""

@@ -38,6 +38,12 @@ class MLXRunner:
     def decode(self, tokens: mx.array, cache: list) -> mx.array:
         return self.model.decode(tokens, cache)
 
+    def prompt_logits(self, tokens: list[int], cache: list) -> mx.array:
+        """Run a chunk like ``prefill``, keeping every position's logits (T, V): to score a prompt."""
+        logits = self.model(mx.array([tokens]), cache=cache)[0]
+        mx.eval(logits, [c.state for c in cache])
+        return logits
+
     def prepare_rows(self, max_rows: int) -> dict:
         """Nothing to measure: MLX runs one matrix-product kernel whatever the row count."""
         return {}

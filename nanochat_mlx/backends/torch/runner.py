@@ -37,6 +37,10 @@ class TorchRunner:
         ids = torch.tensor([tokens], dtype=torch.long, device=self.model.device)
         return self.model(ids, cache=cache, last_only=True)[:, -1]
 
+    def prompt_logits(self, tokens: list[int], cache: KVCache) -> torch.Tensor:
+        """Run a chunk like ``prefill``, keeping every position's logits (T, V): to score a prompt."""
+        return self.model(self.tokens(tokens)[None], cache=cache)[0]
+
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         return self.model(tokens[:, None], cache=cache)[:, -1]
 
