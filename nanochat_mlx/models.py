@@ -187,7 +187,7 @@ def _describe_native(folder: Path) -> str:
     try:
         config = json.loads((folder / meta_name).read_text(encoding="utf-8"))["model_config"]
         facts.append(f"n_layer {config['n_layer']}, n_embd {config['n_embd']}, vocab {config['vocab_size']}")
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         pass
     return "; ".join(facts)
 

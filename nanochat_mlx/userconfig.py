@@ -37,7 +37,7 @@ def load_config() -> dict[str, Any]:
     """The settings, or {} when the file is missing, unreadable or not a JSON object."""
     try:
         data = json.loads(config_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -46,7 +46,9 @@ def test_deleted_folder_falls_back_to_the_demo(config: Path, tmp_path: Path) -> 
     assert userconfig.default_source() == "demo"
 
 
-@pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", '{"last_source": 3}', '{"last_source": "  "}', "\x00\xff"])
+@pytest.mark.parametrize(
+    "text", ["{not json", "", "[1, 2]", '{"last_source": 3}', '{"last_source": "  "}', "\x00\xff", "[" * 100_000]
+)
 def test_corrupt_or_hand_mangled_file_counts_as_empty(config: Path, text: str) -> None:
     config.parent.mkdir(parents=True)
     config.write_text(text, encoding="latin-1")

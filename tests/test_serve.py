@@ -194,6 +194,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(client, model_id, se
     "body, status",
     [
         (b"{not json", 400),
+        (b"[" * 100_000, 400),  # json's decoder recurses per level: no 500
+        (b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400),
         ({"messages": "hi"}, 400),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}, 400),

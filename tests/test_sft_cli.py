@@ -150,6 +150,14 @@ def test_a_second_run_into_the_same_folder_is_refused(trained, data):
     assert r.returncode == 1 and r.stderr.strip() == expected
 
 
+@pytest.mark.parametrize("state", ["{oops", "[1]", '{"step": 3}'])
+def test_resuming_from_a_corrupt_state_is_one_line(tmp_path, state):
+    (tmp_path / "train_state_000003.json").write_text(state)
+    r = run("sft", "--resume", str(tmp_path))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {tmp_path / 'train_state_000003.json'}: "), r.stderr
+
+
 def test_bad_data_is_one_line_and_strict_stops(tmp_path, data):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(Path(data["train"]).read_text() + "{oops\n")

@@ -72,6 +72,12 @@ def test_bad_lines_are_skipped_and_noted_with_file_and_line(tmp_path, tok):
     assert data.skipped[2].startswith(f"{path}:4: expected")
 
 
+def test_a_line_nested_too_deeply_is_a_bad_line_not_a_crash(tmp_path, tok):
+    path = write(tmp_path, [CHAT, "[" * 100_000, CHAT])
+    data = read_dataset(path, tok, 65)
+    assert len(data.examples) == 2 and data.skipped == [f"{path}:2: not JSON (nested too deeply)"]
+
+
 def test_strict_stops_at_the_first_bad_line_in_one_line(tmp_path, tok):
     path = write(tmp_path, [CHAT, {"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(NanochatError) as e:

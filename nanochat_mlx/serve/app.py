@@ -96,6 +96,8 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:  # json's decoder recurses once per nesting level
+            raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
         return data

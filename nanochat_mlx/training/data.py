@@ -104,6 +104,8 @@ def read_dataset(path: str | Path, tokenizer: Any, row_capacity: int, strict: bo
             examples.extend(_example(json.loads(line), tokenizer, row_capacity))
         except json.JSONDecodeError as e:
             problem = f"{path}:{number}: not JSON ({e.msg} at column {e.colno})"
+        except RecursionError:  # json's decoder recurses once per nesting level
+            problem = f"{path}:{number}: not JSON (nested too deeply)"
         except (ValueError, KeyError, TypeError) as e:
             problem = f"{path}:{number}: {e}"
         else:

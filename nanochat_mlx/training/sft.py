@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import NanochatError
+from ..fileio import read_json
 from ..loading import LoadedModel, load_model
 from ..options import LoadOptions
 from .data import Dataset, Packer, batch_arrays, eval_rows, read_dataset
@@ -312,7 +313,10 @@ def _plot(directory: Path) -> str:
 def _resume_args(args: argparse.Namespace, given: list[str]) -> tuple[argparse.Namespace, dict]:
     """The first run's options (the horizon and the output as given now) and its saved state."""
     directory = Path(args.resume)
-    state = json.loads(_latest_state(directory).read_text())
+    path = _latest_state(directory)
+    state = read_json(path, "training state")
+    if not isinstance(state, dict) or not isinstance(state.get("args"), dict) or not isinstance(state.get("step"), int):
+        raise NanochatError(f"{path}: not a training state written by nanochat-mlx sft (no step and args)")
     saved = argparse.Namespace(**state["args"])
     for name in RESUMABLE:
         if any(g == f"--{name.replace('_', '-')}" or g.startswith(f"--{name.replace('_', '-')}=") for g in given):
