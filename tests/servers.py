@@ -64,7 +64,7 @@ def serve(*args: str, source: str = "fixtures/g1", backend: str = "mlx", wait: b
     """A running server on ``source``; stopped (and reaped) on exit."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    source = source if source.startswith(("hf:", "/")) else str(ROOT / source)
+    source = source if source.startswith(("hf:", "/")) or source == "demo" else str(ROOT / source)
     command = [sys.executable, "-m", "nanochat_mlx.cli", "serve", "--source", source, "--backend", backend,
                "--port", str(port), *args]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

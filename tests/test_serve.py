@@ -7,6 +7,7 @@ fixture (both backends for the key behaviours).
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 import urllib.error
@@ -265,6 +266,21 @@ def test_a_batching_bound_under_one_ends_the_command_with_one_line(flag):
         assert s.process.wait(timeout=60) == 1
         lines = s.process.stderr.read().decode().strip().splitlines()
     assert lines == ["error: --max-concurrency, --queue and --prefill-chunk must be at least 1"]
+
+
+def test_ctrl_c_stops_the_server_promptly_even_mid_stream():
+    """uvicorn alone would wait, silently, for every open stream to end."""
+    with serve(source="demo", backend="torch") as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="ignored", max_retries=0)
+        stream = client.completions.create(model="m", prompt="Once", stream=True, max_tokens=2500,
+                                           extra_body={"ignore_eos": True})  # fmt: skip
+        next(iter(stream))  # the reply is under way (about 6 s of tokens on this CPU)
+        began = time.monotonic()
+        s.process.send_signal(signal.SIGINT)
+        assert s.process.wait(timeout=15) == 130  # as a shell reports Ctrl-C
+        assert time.monotonic() - began < 6
+        stderr = s.process.stderr.read().decode()
+    assert "stopping; replies in flight get 2 s" in stderr and "Traceback" not in stderr, stderr
 
 
 def test_health_is_503_while_the_model_loads():

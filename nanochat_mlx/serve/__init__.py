@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from ..loading import load_model
-    from .app import ServerConfig, build_app
+    from .app import SHUTDOWN_GRACE_S, Server, ServerConfig, build_app
     from .scheduler import Scheduler
 
     def load():
@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     config = ServerConfig(options.source, args.api_key, tuple(args.allowed_origins), limits, args.strict_model)
     app = build_app(scheduler, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    # No lifespan events (the app has none). The server cancels replies SHUTDOWN_GRACE_S after Ctrl-C;
+    # uvicorn's own deadline, later, is only a backstop.
+    uconfig = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="off",
+                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S + 3)  # fmt: skip
+    server = Server(uconfig, scheduler)
     scheduler.start()
     print(f"nanochat-mlx serve: http://{args.host}:{args.port} (loading {options.source})", file=sys.stderr, flush=True)
     try:

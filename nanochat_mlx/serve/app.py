@@ -11,11 +11,14 @@ import asyncio
 import itertools
 import json
 import secrets
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -37,6 +40,29 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     limits: Limits = Limits()
     strict_model: bool = False  # 404 for a request naming another model (else any name is served)
+
+
+SHUTDOWN_GRACE_S = 2  # after Ctrl-C, replies in flight get this long to finish before they are cut
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, stopping as a chat server should on Ctrl-C (or SIGTERM).
+
+    uvicorn waits, silently, for every open response to end. Here the first signal says what
+    happens, and replies still running ``SHUTDOWN_GRACE_S`` later are cancelled: their streams
+    end (``data: [DONE]``), so the connections close before uvicorn's own deadline would cut them.
+    """
+
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler) -> None:
+        super().__init__(config)
+        self.scheduler = scheduler
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.should_exit and self.started:
+            print(f"nanochat-mlx serve: stopping; replies in flight get {SHUTDOWN_GRACE_S} s "
+                  "(Ctrl-C again to quit at once)", file=sys.stderr, flush=True)  # fmt: skip
+            threading.Timer(SHUTDOWN_GRACE_S, self.scheduler.cancel_all).start()
+        super().handle_exit(sig, frame)
 
 
 class Reply:

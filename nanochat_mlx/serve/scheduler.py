@@ -189,6 +189,13 @@ class Scheduler:
             self._waiting.append(job)
             self._lock.notify()
 
+    def cancel_all(self) -> None:
+        """Stop every job, waiting or running, at the next step (the server is shutting down)."""
+        with self._lock:
+            for job in [*self._waiting, *self._prefilling, *(r.job for r in self._rows)]:
+                job.cancel()
+            self._lock.notify()
+
     def load_stats(self) -> dict:
         """What /health reports: rows decoding, jobs waiting, prompt-cache use."""
         with self._lock:
