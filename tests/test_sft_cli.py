@@ -6,8 +6,10 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,27 @@ def test_resume_continues_exactly_as_one_run(tmp_path, data, backend, method):
     r = run("sft", "--resume", str(tmp_path / "two"), "--steps", "6")
     assert r.returncode == 0, r.stderr
     assert losses(tmp_path / "two") == losses(tmp_path / "one")
+
+
+def test_ctrl_c_saves_the_step_and_resume_continues_exactly(tmp_path, data):
+    common = ["--source", str(variant_dir("g1")), "--data", data["train"], "--eval-every", "-1", "--steps", "40",
+              *SMALL]  # fmt: skip
+    assert run("sft", *common, "--out", str(tmp_path / "one")).returncode == 0
+    two = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "nanochat_mlx.cli", "sft", *common, "--out", str(two)],
+                               env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not ((two / "train_log.jsonl").exists() and len(losses(two)) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    stopped = len(losses(two))
+    assert 2 <= stopped < 40, stopped  # it stopped mid-run, at the end of a step
+    assert f"stopped at step {stopped} (saved); continue with: nanochat-mlx sft --resume {two}" in process.stderr.read()
+    r = run("sft", "--resume", str(two))
+    assert r.returncode == 0, r.stderr
+    assert losses(two) == losses(tmp_path / "one")
 
 
 def test_by_default_the_run_is_one_epoch_of_the_data(tmp_path, data):

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -370,8 +372,36 @@ def main(argv: list[str]) -> int:
     inherited = [x for x in inherited if not (plan.lora and x.split("=")[0].endswith("_lr"))]  # LoRA: --lr
     if inherited:
         progress.note("inherited: " + ", ".join(inherited))
-    _train(plan, loaded, trainer, packer, val, world, progress, step, run, out)
-    return 0
+    finished = _train(plan, loaded, trainer, packer, val, world, progress, step, run, out)
+    return 0 if finished else 130  # 130: interrupted, as a shell reports Ctrl-C
+
+
+class StopAtStepEnd:
+    """Ctrl-C during training: the first one ends the run after the step under way, which is then
+    saved, so ``--resume`` continues exactly where it stopped; a second one stops at once.
+
+    Only in a one-process run: the processes of a data-parallel run would each see the signal at a
+    step of their own and wait for one another forever, so they stop at once, as before.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopAtStepEnd:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, sig: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)  # the second Ctrl-C: at once
+        print("\nstopping after this step, which will be saved (Ctrl-C again: at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _report_skipped(dataset: Dataset | None, progress: Progress) -> None:
@@ -404,7 +434,8 @@ def _gradients(plan: Plan, world: World, trainer, rows: list) -> tuple[float, di
     return loss, grads
 
 
-def _train(plan: Plan, loaded, trainer, packer, val, world: World, progress: Progress, step: int, run, out) -> None:
+def _train(plan: Plan, loaded, trainer, packer, val, world: World, progress: Progress, step: int, run, out) -> bool:
+    """Train until done (True), or until Ctrl-C ends it after a saved step (False)."""
     from .checkpoints import token_bytes
 
     args = plan.args
@@ -436,34 +467,45 @@ def _train(plan: Plan, loaded, trainer, packer, val, world: World, progress: Pro
 
     if step == 0 and args.eval_every > 0:
         validate()
-    while not done():
-        t0 = time.perf_counter()
-        rows = packer.rows(plan.rows_per_step)
-        loss, grads = _gradients(plan, world, trainer, rows)
-        fraction = step / args.steps if args.steps > 0 else min(packer.epochs_done / args.epochs, 1.0)
-        lrm = schedule(fraction)
-        if plan.lora:
-            trainer.apply(grads, lrm)
-        else:
-            trainer.apply(grads, lrm, muon_momentum(step))
-        del grads  # (applied, and emptied by a full trainer) before the next step's backward
-        step += 1
-        dt = time.perf_counter() - t0
-        tok_per_s = args.batch_tokens / dt
-        run["smooth_loss"] = 0.9 * run["smooth_loss"] + 0.1 * loss
-        smooth = run["smooth_loss"] / (1 - 0.9**step)  # the EMA, debiased
-        tokens = step * args.batch_tokens
-        write({"step": step, "loss": loss, "lr_multiplier": lrm, "tokens": tokens, "tok_per_s": tok_per_s})
-        shown = step / args.steps if args.steps > 0 else min(packer.epochs_done / args.epochs, 1.0)
-        progress.update(step, smooth, tok_per_s, shown, loaded.engine.peak_memory(), done())
-        if done() or (args.eval_every > 0 and step % args.eval_every == 0):
-            validate()
-        if world.main and (done() or (args.save_every > 0 and step % args.save_every == 0)):
-            _save(out, step, loaded, trainer, plan, packer, run)
+    saved = step  # the last step whose checkpoint is on disk (or the one resumed from)
+    with StopAtStepEnd(world.size == 1) as interrupt:
+        while not done() and not interrupt.requested:
+            t0 = time.perf_counter()
+            rows = packer.rows(plan.rows_per_step)
+            loss, grads = _gradients(plan, world, trainer, rows)
+            fraction = step / args.steps if args.steps > 0 else min(packer.epochs_done / args.epochs, 1.0)
+            lrm = schedule(fraction)
+            if plan.lora:
+                trainer.apply(grads, lrm)
+            else:
+                trainer.apply(grads, lrm, muon_momentum(step))
+            del grads  # (applied, and emptied by a full trainer) before the next step's backward
+            step += 1
+            dt = time.perf_counter() - t0
+            tok_per_s = args.batch_tokens / dt
+            run["smooth_loss"] = 0.9 * run["smooth_loss"] + 0.1 * loss
+            smooth = run["smooth_loss"] / (1 - 0.9**step)  # the EMA, debiased
+            tokens = step * args.batch_tokens
+            write({"step": step, "loss": loss, "lr_multiplier": lrm, "tokens": tokens, "tok_per_s": tok_per_s})
+            shown = step / args.steps if args.steps > 0 else min(packer.epochs_done / args.epochs, 1.0)
+            progress.update(step, smooth, tok_per_s, shown, loaded.engine.peak_memory(), done())
+            if done() or (args.eval_every > 0 and step % args.eval_every == 0):
+                validate()
+            stopping = done() or interrupt.requested
+            if world.main and (stopping or (args.save_every > 0 and step % args.save_every == 0)) and step > saved:
+                _save(out, step, loaded, trainer, plan, packer, run)
+                saved = step
     if log is not None:
         log.close()
     if world.main:
-        if plan.lora and args.fuse:
+        if plan.lora and args.fuse and done():
             _fuse(out, step, loaded, args, run)
+        if step == 0:
+            progress.note("stopped before the first step: nothing was saved")
+            return False
         progress.note(_plot(out))
-        progress.note(f"done: step {step}, checkpoints in {out}")
+        if done():
+            progress.note(f"done: step {step}, checkpoints in {out}")
+        else:
+            progress.note(f"stopped at step {step} (saved); continue with: nanochat-mlx sft --resume {out}")
+    return done()
