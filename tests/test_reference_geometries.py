@@ -54,13 +54,15 @@ GEOMETRIES = {
     "hd64": dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=128, vocab_size=265, sequence_len=40, window_pattern="SL"),
     "hd128": dict(n_layer=4, n_head=1, n_kv_head=1, n_embd=128, vocab_size=457, sequence_len=64, window_pattern="LS"),
     "one_layer": dict(n_layer=1, n_head=3, n_kv_head=3, n_embd=48, vocab_size=400, sequence_len=24, window_pattern="S"),
+    # A sequence_len where g8/g9's S window is shorter than L (as in real runs; the fixtures' and the
+    # geometries above have S = 128 > L) and differs between them: g4-g7 200, g8 256, g9 128.
+    "long": dict(n_layer=3, n_head=2, n_kv_head=1, n_embd=64, vocab_size=299, sequence_len=400, window_pattern="SL"),
 }
 # The prompt (bos + random ordinary tokens) is longer than every window: g4-g7's S (sequence_len // 2),
-# g8/g9's S (128 here: rounded up to a multiple of 128), and L (sequence_len, + 1 keys), and fits
-# the rotary table (10 * sequence_len). The KV case decodes from position PREFILL on, through all.
-PROMPT_LEN, PREFILL = 160, 12
-CHUNKS = (12, 37, 1, 110)  # a prefill, then chunks fed to the non-empty cache
-GREEDY_PROMPT, GREEDY_TOKENS = 110, 40  # the greedy reply crosses g8/g9's 128-token S window
+# g8/g9's S (a multiple of 128, so at least 128), and L (sequence_len, + 1 keys), and fits the
+# rotary table (10 * sequence_len). The KV case decodes from position PREFILL on, through all; the
+# greedy reply (from the prompt's first prompt_len - 50 tokens) crosses the longest window too.
+PREFILL, GREEDY_TOKENS = 12, 40
 # Our logits are within ATOL of the reference's, so a greedy step whose two best reference logits
 # are further apart than 2 * ATOL cannot flip; a closer one is a float32 coin flip between any two
 # implementations: tokens are compared up to the first such step.
@@ -91,10 +93,23 @@ def checkpoint_for(gen: str, geometry: str):
     return ckpt
 
 
+def prompt_len(geometry: str) -> int:
+    return max(160, GEOMETRIES[geometry]["sequence_len"] + 30)
+
+
+def greedy_prompt_len(geometry: str) -> int:
+    return prompt_len(geometry) - 50
+
+
+def chunks(geometry: str) -> list[int]:
+    """A prefill, then chunks fed to the non-empty cache: many tokens, one, the rest."""
+    return [PREFILL, 37, 1, prompt_len(geometry) - PREFILL - 38]
+
+
 def prompt_for(gen: str, geometry: str, tokenizer) -> list[int]:
     rng = np.random.default_rng(list(GEOMETRIES).index(geometry))
     ordinary = tokenizer.get_bos_token_id()  # the specials sit at the top: ids below bos are ordinary
-    return [tokenizer.get_bos_token_id(), *(int(t) for t in rng.integers(0, ordinary, PROMPT_LEN - 1))]
+    return [tokenizer.get_bos_token_id(), *(int(t) for t in rng.integers(0, ordinary, prompt_len(geometry) - 1))]
 
 
 def needs_reference() -> None:
@@ -125,13 +140,14 @@ def reference(tmp_path_factory):
         for geometry in GEOMETRIES:
             ckpt = checkpoint_for(gen, geometry)
             folder = write_native_checkpoint(ckpt, tmp / geometry, step=STEP)
-            prompts[geometry] = (folder, prompt_for(gen, geometry, ckpt.tokenizer))
-            case = dict(name=geometry, folder=str(folder), step=STEP, prompt=prompts[geometry][1], prefill=PREFILL,
-                        greedy_prompt=prompts[geometry][1][:GREEDY_PROMPT], greedy_tokens=GREEDY_TOKENS)  # fmt: skip
+            prompt = prompt_for(gen, geometry, ckpt.tokenizer)
+            prompts[geometry] = (folder, prompt)
+            case = dict(name=geometry, folder=str(folder), step=STEP, prompt=prompt, prefill=PREFILL,
+                        greedy_prompt=prompt[: greedy_prompt_len(geometry)], greedy_tokens=GREEDY_TOKENS)  # fmt: skip
             if gen != "g9":
                 # g9 quirk: a chunk fed after a prefill does not smear its first token with the cached
                 # previous embedding; its chunks are checked against its full-forward logits instead.
-                case["chunks"] = list(CHUNKS)
+                case["chunks"] = chunks(geometry)
             cases.append(case)
         (tmp / "job.json").write_text(json.dumps(cases))
         env = dict(os.environ, PYTHONPATH=str(tree), TORCHDYNAMO_DISABLE="1", NANOCHAT_DTYPE="float32")
@@ -164,8 +180,8 @@ def check(found: np.ndarray, expected: np.ndarray, what: str) -> float:
 def test_matches_the_reference(gen: str, geometry: str, backend: str, reference) -> None:
     config = config_for(gen, geometry)  # the prompt, the KV decode and the greedy reply pass every window
     windows = [w if w is not None else config.sequence_len for w in config.window_sizes(get_spec(gen))]
-    assert PREFILL < min(windows) and max(windows) + 1 < GREEDY_PROMPT + GREEDY_TOKENS <= PROMPT_LEN
-    assert PROMPT_LEN <= config.rope_len
+    assert PREFILL < min(windows) and max(windows) + 1 < greedy_prompt_len(geometry) + GREEDY_TOKENS
+    assert greedy_prompt_len(geometry) + GREEDY_TOKENS <= prompt_len(geometry) <= config.rope_len
     folder, prompt, ref = reference(gen)[geometry]
     model, tokenizer = nc.load(str(folder), arch=gen, dtype="float32", backend=backend)
     what = f"{gen}/{geometry}/{backend}"
@@ -177,13 +193,13 @@ def test_matches_the_reference(gen: str, geometry: str, backend: str, reference)
     diffs["kv"] = check(np.stack(rows), ref["kv"], f"{what} KV-cached decode")
 
     cache, done, pieces = model.make_cache(), 0, []
-    for n in CHUNKS:
+    for n in chunks(geometry):
         pieces.append(forward(model, prompt[done : done + n], cache))
         done += n
     diffs["chunks"] = check(np.concatenate(pieces), ref.get("chunks", ref["full"]), f"{what} chunks")
 
     greedy = SamplingParams(temperature=0.0, top_k=None, max_tokens=GREEDY_TOKENS)
-    columns, masks, _, _ = run_generation(Engine(model, tokenizer), prompt[:GREEDY_PROMPT], greedy)
+    columns, masks, _, _ = run_generation(Engine(model, tokenizer), prompt[: greedy_prompt_len(geometry)], greedy)
     ties = np.flatnonzero((ref["greedy_masks"] == 1) & (ref["greedy_margins"] < MARGIN))  # sampled steps only
     n = int(ties[0]) if len(ties) else len(ref["greedy_tokens"])  # the tie itself may go either way
     assert n > 0, f"{what}: the reference's first greedy step is a near tie"
