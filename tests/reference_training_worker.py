@@ -8,12 +8,12 @@ folder before it is loaded (``build_model``'s ``get_tokenizer`` reads its ``toke
 - ``cases``: ``{"checkpoint", "step", "batch", "out"}`` each: the model ``build_model`` loads from
   the native folder ``checkpoint`` (phase "train"), the ``inputs``/``targets`` of the ``batch`` npz;
   ``out`` gets ``loss`` and, per state-dict name, ``grad/<name>`` after ``model(x, y).backward()``.
-- ``steps`` (optional, HEAD only), each ``{"checkpoint", "step", "batch", "out", "optimizer",
+- ``steps`` (optional, HEAD only), each ``{"checkpoint", "step", "batches", "out", "optimizer",
   "init_lr_frac", "schedule"}``: ``setup_optimizer(**optimizer)`` + ``MuonAdamW`` run eagerly
   (TORCHDYNAMO_DISABLE=1), lrs scaled by ``init_lr_frac`` as ``scripts/chat_sft.py`` does, one step
-  per ``[lr_multiplier, muon_momentum]`` of ``schedule``; ``out`` gets ``step<k>/<name>`` (the
-  gradient of step k), ``weight/<name>`` (after the last step), ``losses``, and ``out`` + ".json"
-  the optimizer's param groups (names instead of tensors).
+  per ``[lr_multiplier, muon_momentum]`` of ``schedule``, step k on the k-th of ``batches``;
+  ``out`` gets ``step<k>/<name>`` (the gradient of step k), ``weight/<name>`` (after the last
+  step), ``losses``, and ``out`` + ".json" the optimizer's param groups (names instead of tensors).
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ def gradients(case: dict) -> None:
 
 def steps(job: dict) -> None:
     model = load(job["checkpoint"], job["step"])
-    x, y = batch(job["batch"])
     optimizer = model.setup_optimizer(**job["optimizer"])
     for group in optimizer.param_groups:  # chat_sft.py
         group["lr"] = group["lr"] * job["init_lr_frac"]
@@ -69,7 +68,8 @@ def steps(job: dict) -> None:
         for group in optimizer.param_groups
     ]
     losses, out = [], {}
-    for k, (lrm, momentum) in enumerate(job["schedule"], 1):
+    for k, ((lrm, momentum), path) in enumerate(zip(job["schedule"], job["batches"], strict=True), 1):
+        x, y = batch(path)
         model.zero_grad(set_to_none=True)
         loss = model(x, y)
         loss.backward()
