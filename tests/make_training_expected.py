@@ -20,7 +20,9 @@ cancellation, below float32 noise of its tensor) moves by a fraction of ``lr`` t
 decides. Any two float32 implementations (the reference on two devices too) differ there by up to
 ``lr*wd*|p|`` or a fraction of ``lr``. Of seeds 0-7, six put one element 1.2e-4 to 7.3e-4 off
 on some backend; seed 2 (max 1.4e-5) and seed 3 (9.6e-5) did not. The optimizer arithmetic
-itself is checked without that caveat by feeding it the reference's own gradients.
+itself is checked by feeding it the reference's own gradients, which removes the gradient side of
+the caveat but not all of it: an element whose Muon update is below the update's own float32
+rounding (~1e-6) still decays or not by rounding (tests/test_reference_training.py measures it).
 
 Usage: ``python tests/make_training_expected.py [--mirror PATH] [gen ...]`` (needs torch and the mirror).
 """
