@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="working folder (data, checkpoints, figures)")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--pretrain-steps", type=int, default=60, help="steps of 8,192 tokens on text (default 60)")
-    p.add_argument("--chat-steps", type=int, default=120, help="steps of 8,192 tokens on chat (default 120)")
+    p.add_argument("--chat-steps", type=int, default=300, help="steps of 8,192 tokens on chat (default 300)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the matrices are tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-limit", type=int, help="evaluate only the first N arithmetic questions")

@@ -3,7 +3,8 @@
 Files (in ``out``): ``text.jsonl`` ({"text"}: Shakespeare in ~1,000-character passages),
 ``val_text.jsonl`` (held-out plays, for bits per byte), ``chat.jsonl`` ({"messages"}: arithmetic
 through the calculator, identity, spelling and letter counting, chit-chat), ``eval_arithmetic.jsonl``
-(held-out arithmetic questions, none of them in chat.jsonl).
+(held-out arithmetic questions, none of them in chat.jsonl), ``spelling_words.json`` (the words the
+spelling conversations drill).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .corpora import chitchat_conversations, shakespeare_texts
 
 VAL_WORKS = ("tempest", "sonnets")  # held out from training: a play and the poems
 PASSAGE_CHARS = 1000
-CHAT_MIX = {"arithmetic": 24000, "identity": 2000, "spelling": 5000, "chitchat": 5000}
+CHAT_MIX = {"arithmetic": 21000, "identity": 2000, "spelling": 8000, "chitchat": 5000}
 EVAL_QUESTIONS = 400
 
 
@@ -38,7 +39,7 @@ def passages(text: str, size: int = PASSAGE_CHARS) -> list[str]:
     return out
 
 
-def spelling_words(texts: list[str], n: int = 3000) -> list[str]:
+def spelling_words(texts: list[str], n: int = 1000) -> list[str]:
     """The ``n`` most frequent lower-case words of 3-10 letters that the calculator will count in
     (it refuses texts holding names such as "open" or "dir", as the reference's does)."""
     counts = Counter(w for t in texts for w in re.findall(r"\b[a-z]{3,10}\b", t))
@@ -93,4 +94,5 @@ def build(out: Path, cache: Path, seed: int = 0) -> dict[str, int]:
     }
     for name, rows in files.items():
         write_jsonl(out / name, rows)
+    (out / "spelling_words.json").write_text(json.dumps(words) + "\n", encoding="utf-8")
     return {name: len(rows) for name, rows in files.items()}

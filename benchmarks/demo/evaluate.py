@@ -4,13 +4,16 @@
   as the reference's ``evaluate_bpb`` (rows of ``sequence_len`` tokens, special tokens left out);
 - arithmetic: each held-out question of ``eval_arithmetic.jsonl`` answered greedily through the
   engine; correct when the calculator ran the question's own expression (so its output is the true
-  result) and the final text states that result. Reported overall and per operation.
+  result) and the final text states that result. Reported overall and per operation;
+- spelling: "Spell {word}." for a fixed sample of the words the chat data drills
+  (``spelling_words.json``), greedy; correct when the reply is exactly "w is spelled w-o-r-d.".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -70,11 +73,26 @@ def arithmetic_accuracy(loaded: LoadedModel, path: Path, limit: int | None = Non
     }
 
 
+def spelling_accuracy(loaded: LoadedModel, path: Path, n: int = 200) -> dict:
+    """Accuracy spelling ``n`` of the drilled words (a fixed sample), and a few failures."""
+    words = json.loads(path.read_text(encoding="utf-8"))
+    sample = random.Random(0).sample(words, min(n, len(words)))
+    right, failures = 0, []
+    for word in sample:
+        text = answer(loaded, f"Spell {word}.")["text"].strip()
+        ok = text == f"{word} is spelled {'-'.join(word)}."
+        right += ok
+        if not ok and len(failures) < 5:
+            failures.append({"word": word, "reply": text})
+    return {"words": len(sample), "of": len(words), "accuracy": right / max(len(sample), 1), "failures": failures}
+
+
 def evaluate_model(source: str, data: Path, limit: int | None = None) -> dict:
     loaded = load_model(LoadOptions(source, dtype="float32"))
     return {
         "val_bpb": round(text_bpb(loaded, data / "val_text.jsonl"), 4),
         "arithmetic": arithmetic_accuracy(loaded, data / "eval_arithmetic.jsonl", limit),
+        "spelling": spelling_accuracy(loaded, data / "spelling_words.json"),
     }
 
 

@@ -58,6 +58,15 @@ def describe(meta: dict[str, Any]) -> list[tuple[str, str]]:
                 f"(up to 4 digits) through the calculator, greedy ({ops})",
             )
         )
+    spelling = figures.get("spelling") or {}
+    if "accuracy" in spelling:
+        rows.append(
+            (
+                "spelling",
+                f"{spelling['accuracy']:.0%} of a sample of {spelling.get('words', '?')} of the {spelling.get('of', '?')} "
+                "words it was drilled on, spelled letter by letter, greedy",
+            )
+        )
     seconds = demo.get("build_seconds") or {}
     if seconds:
         rows.append(("built in", f"{sum(seconds.values()) / 60:.0f} min on a CPU (python -m benchmarks.demo.build)"))
