@@ -40,7 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 OUT = FIXTURES / "training"
-MIRROR = Path("/work/.mirror/karpathy+nanochat/repo")
+# A git mirror (bare clone) of karpathy/nanochat; $NANOCHAT_REFERENCE_MIRROR points elsewhere.
+MIRROR = Path(os.environ.get("NANOCHAT_REFERENCE_MIRROR", "/work/.mirror/karpathy+nanochat/repo"))
 COMMITS = {
     "g1": "d5759400f96789d7649e040e5f444790101baa21",
     "g2": "2c4473dd1b608a403700b098f867b202c2a03522",

@@ -12,15 +12,13 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from conftest import variant_dir
+from make_training_expected import COMMITS, MIRROR
 
 from nanochat_mlx import bench
 from nanochat_mlx.backends.mlx.model import build_mlx_model
 from nanochat_mlx.checkpoint import read_checkpoint
 from nanochat_mlx.synthetic import geometry_config, random_checkpoint, synthetic_tokenizer
 from nanochat_mlx.weights import expected_shapes
-
-MIRROR = Path("/work/.mirror/karpathy+nanochat/repo")  # a bare mirror of karpathy/nanochat (not in CI)
-COMMITS = {"g1": "d5759400f96789d7649e040e5f444790101baa21", "g9": "92d63d4e8bb4df75c3b71618f31ddde2378b2bcd"}
 
 
 def reference_tree(generation: str, dest: Path) -> Path:

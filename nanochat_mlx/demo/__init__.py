@@ -60,11 +60,12 @@ def describe(meta: dict[str, Any]) -> list[tuple[str, str]]:
         )
     spelling = figures.get("spelling") or {}
     if "accuracy" in spelling:
+        sample, drilled = spelling.get("words", "?"), spelling.get("of", "?")
         rows.append(
             (
                 "spelling",
-                f"{spelling['accuracy']:.0%} of a sample of {spelling.get('words', '?')} of the {spelling.get('of', '?')} "
-                "words it was drilled on, spelled letter by letter, greedy",
+                f"{spelling['accuracy']:.0%} of a sample of {sample} of the {drilled} words it was drilled on, "
+                "spelled letter by letter, greedy",
             )
         )
     seconds = demo.get("build_seconds") or {}
