@@ -8,7 +8,6 @@ job, which leaves the batch at the next step.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import secrets
 import sys
@@ -27,6 +26,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from .logprobs import Echo, chat_logprobs, completion_logprobs, joined
 from .protocol import ApiError, Generation, Limits, chat_messages, completion_prompts, generation
 from .scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler, Scored, Started, TokenLogprob
 
@@ -281,7 +281,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         gen = generation(body, limits, scheduler.max_rows, chat=False)
         tok = engine.tokenizer
         reply, meta, stream = await start(request, [prompt_tokens(tok, p) for p in prompts], gen, engine, "cmpl")
-        echo = Echo(tok, prompts, reply) if gen.echo else None
+        echo = Echo(tok, prompts, reply.n, reply.prompt_logprobs) if gen.echo else None
         if gen.stream:
             return sse(completion_chunks(stream, reply, gen, meta, tok, echo))
         async for _ in stream:
@@ -365,49 +365,6 @@ def prompt_tokens(tokenizer, prompt: str | list[int]) -> list[int]:
     if not all(0 <= t < tokenizer.vocab_size for t in prompt):
         raise ApiError(400, f"token ids must be in 0..{tokenizer.vocab_size - 1}", param="prompt")
     return list(prompt)
-
-
-class Echo:
-    """``echo``: each choice's prompt as given (a string without the ``<|bos|>`` put before it) and,
-    once scored, its tokens' log-probabilities (a list of ids: the first has none)."""
-
-    def __init__(self, tokenizer, prompts: list[str | list[int]], reply: Reply) -> None:
-        self.tokenizer, self.prompts, self.reply = tokenizer, prompts, reply
-
-    def text(self, choice: int) -> str:
-        prompt = self.prompts[choice // self.reply.n]
-        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
-
-    def logprobs(self, choice: int) -> dict:
-        p = choice // self.reply.n
-        scored = self.reply.prompt_logprobs[p]
-        return completion_logprobs(self.tokenizer, scored[1:] if isinstance(self.prompts[p], str) else scored)
-
-
-def joined(first: dict, then: dict) -> dict:
-    """Two legacy ``logprobs`` objects, one after the other."""
-    return {key: first[key] + then[key] for key in first}
-
-
-def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
-    """Chat's ``logprobs`` object: each output token, its bytes and its likeliest alternatives."""
-
-    def token(t: int, logprob: float) -> dict:
-        return {"token": tokenizer.decode([t]), "logprob": logprob, "bytes": list(tokenizer.decode_bytes([t]))}
-
-    content = [token(e.token, e.logprob) | {"top_logprobs": [token(t, lp) for t, lp in e.top]} for e in entries]
-    return {"content": content, "refusal": None}
-
-
-def completion_logprobs(tokenizer, entries: list[TokenLogprob], offset: int = 0) -> dict:
-    """The legacy completions' ``logprobs`` object; ``text_offset`` counts from ``offset`` in the text."""
-    tokens = [tokenizer.decode([e.token]) for e in entries]
-    return {
-        "tokens": tokens,
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [None if e.top is None else {tokenizer.decode([t]): lp for t, lp in e.top} for e in entries],
-        "text_offset": list(itertools.accumulate((len(t) for t in tokens), initial=offset))[:-1],
-    }
 
 
 def token_ids(body: dict, reply: Reply, index: int) -> dict:
