@@ -142,6 +142,34 @@ def test_string_prompt_gets_bos_prepended(client, model_id, tokenizer):
     assert reply.usage.prompt_tokens == len(ids)
 
 
+# --- /tokenize and /detokenize ---------------------------------------------------------------
+
+
+def test_tokenize_counts_prompts_and_conversations_as_the_completions_do(client, model_id, server):
+    code, counted = post(server.url + "/tokenize", {"prompt": "The robot", "return_token_strs": True})
+    reply = client.completions.create(model=model_id, prompt="The robot", max_tokens=1)
+    assert code == 200 and counted["count"] == reply.usage.prompt_tokens == len(counted["tokens"])
+    assert counted["token_strs"][0] == "<|bos|>" and counted["max_model_len"] > counted["count"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    code, counted = post(server.url + "/tokenize", {"messages": messages})
+    reply = client.chat.completions.create(model=model_id, messages=messages, max_tokens=1)
+    assert code == 200 and counted["count"] == reply.usage.prompt_tokens
+
+
+def test_detokenize_reverses_tokenize(server):
+    _, counted = post(server.url + "/tokenize", {"prompt": "café ☕ 東京", "add_special_tokens": False})
+    code, text = post(server.url + "/detokenize", {"tokens": counted["tokens"]})
+    assert code == 200 and text == {"prompt": "café ☕ 東京"}
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [("tokenize", {}), ("tokenize", {"prompt": 7}), ("detokenize", {"tokens": [1, 10**6]}), ("detokenize", {})],
+)
+def test_bad_tokenize_requests_are_400(server, path, body):
+    assert post(f"{server.url}/{path}", body)[0] == 400
+
+
 # --- batching, prompt cache, disconnects ---------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .logprobs import Echo, chat_logprobs, completion_logprobs, joined
-from .protocol import ApiError, Generation, Limits, chat_messages, completion_prompts, generation
+from .protocol import ApiError, Generation, Limits, chat_messages, completion_prompts, field, generation
 from .scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler, Scored, Started, TokenLogprob
 
 WEB = Path(__file__).resolve().parent / "web"
@@ -324,6 +324,38 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         if gen.include_usage:
             yield {**meta, "object": "text_completion", "choices": [], "usage": reply.usage()}
 
+    async def tokenize(request: Request) -> Response:
+        """vLLM's /tokenize: a prompt's (or a conversation's) tokens, as the completions would count them."""
+        authorize(request)
+        engine = engine_or_503()
+        body = await read_json(request)
+        tok = engine.tokenizer
+        if "messages" in body:
+            tokens = chat_tokens(tok, chat_messages(body, limits), engine.context_limit)
+        else:
+            prompt = field(body, "prompt", (str,), "a string")
+            if prompt is None:
+                raise ApiError(400, "give 'prompt' (a string) or 'messages'", param="prompt")
+            if len(prompt) > limits.max_total_chars:
+                raise ApiError(413, f"the prompt is too long: at most {limits.max_total_chars} characters",
+                               param="prompt", code="too_large")  # fmt: skip
+            special = field(body, "add_special_tokens", (bool,), "a boolean", True)
+            tokens = prompt_tokens(tok, prompt) if special else tok.encode(prompt)
+        out = {"count": len(tokens), "max_model_len": engine.context_limit, "tokens": tokens}
+        if field(body, "return_token_strs", (bool,), "a boolean", False):
+            out["token_strs"] = [tok.decode([t]) for t in tokens]
+        return JSONResponse(out)
+
+    async def detokenize(request: Request) -> Response:
+        """vLLM's /detokenize: the text of a list of token ids (special tokens spelled out)."""
+        authorize(request)
+        engine = engine_or_503()
+        body = await read_json(request)
+        tokens = field(body, "tokens", (list,), "a list of token ids")
+        if tokens is None or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise ApiError(400, "'tokens' must be a list of token ids", param="tokens")
+        return JSONResponse({"prompt": engine.tokenizer.decode(prompt_tokens(engine.tokenizer, tokens))})
+
     async def index(request: Request) -> Response:
         return FileResponse(WEB / "index.html")
 
@@ -352,6 +384,8 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         Route("/v1/models", models),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
         Mount("/static", StaticFiles(directory=WEB), name="static"),
     ]
     handlers = {ApiError: api_error, 404: not_found, 405: not_found}
