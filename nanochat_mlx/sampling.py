@@ -75,6 +75,7 @@ class ArrayOps(Protocol):
     def log_softmax(self, logits: Any) -> Any: ...  # in float32
     def row_max(self, x: Any) -> Any: ...  # (B, 1)
     def sort_descending(self, x: Any) -> tuple[Any, Any]: ...  # values, indices
+    def top(self, x: Any, k: int) -> tuple[Any, Any]: ...  # the k largest (k >= 1), largest first: values, ids
     def cumsum(self, x: Any) -> Any: ...
     def unsort(self, sorted_values: Any, order: Any) -> Any: ...  # inverse of take_along(x, order)
     def categorical(self, logits: Any, rng: Any) -> Any: ...  # (B,) samples of softmax(logits)
@@ -111,8 +112,8 @@ class Sampler:
         """
         logprobs = self.ops.log_softmax(logits)
         chosen = self.ops.gather(logprobs, self.ops.ids([[t] for t in tokens]))[:, 0]
-        values, order = self.ops.sort_descending(logprobs)
-        return chosen, values[:, :k], order[:, :k]
+        values, ids = self.ops.top(logprobs, k) if k else (logprobs[:, :0], logprobs[:, :0])
+        return chosen, values, ids
 
     def __call__(self, logits: Any) -> Any:
         ops, p = self.ops, self.params

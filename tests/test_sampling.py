@@ -51,6 +51,17 @@ def test_greedy_takes_the_first_maximum(runner) -> None:
     assert sample_ids(runner, GREEDY, [[0.0, 2.0, 2.0, 1.0]]) == [1]
 
 
+def test_logprobs_are_the_log_softmax_with_the_likeliest_first(runner) -> None:
+    row = [0.5, 3.0, -1.0, 3.0 - 1e-3, 2.0, 0.0]
+    expected = np.array(row) - np.log(np.exp(row).sum())
+    sampler = runner.sampler(GREEDY, [[0]])
+    chosen, values, ids = (runner.to_list(a) for a in sampler.logprobs(logits_on(runner, [row]), [4], 3))
+    assert chosen == pytest.approx([expected[4]], abs=1e-6)
+    assert ids == [[1, 3, 4]] and values[0] == pytest.approx(list(expected[[1, 3, 4]]), abs=1e-6)
+    _, values, ids = (runner.to_list(a) for a in sampler.logprobs(logits_on(runner, [row]), [0], 0))
+    assert values == [[]] and ids == [[]]
+
+
 @pytest.mark.parametrize(
     ("filters", "survivors"),
     [

@@ -132,6 +132,13 @@ class MLXOps:
         return mx.take_along_axis(x, order, axis=-1), order
 
     @staticmethod
+    def top(x: mx.array, k: int) -> tuple[mx.array, mx.array]:
+        ids = mx.argpartition(-x, k - 1, axis=-1)[:, :k]  # the k largest, in no order: then sort those
+        values = mx.take_along_axis(x, ids, axis=-1)
+        order = mx.argsort(-values, axis=-1)
+        return mx.take_along_axis(values, order, axis=-1), mx.take_along_axis(ids, order, axis=-1)
+
+    @staticmethod
     def categorical(logits: mx.array, rng: _Key) -> mx.array:
         key = rng.next()
         return mx.random.categorical(logits) if key is None else mx.random.categorical(logits, key=key)

@@ -134,5 +134,9 @@ class TorchOps:
         return x.sort(-1, descending=True)
 
     @staticmethod
+    def top(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.topk(k, -1)
+
+    @staticmethod
     def categorical(logits: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
         return torch.multinomial(torch.softmax(logits, -1), 1, generator=rng)[:, 0]
