@@ -157,6 +157,10 @@ class Tokenizer:
             return self._wrap(self.enc.encode_ordinary(text), pre, post)
         return [self._wrap(ids, pre, post) for ids in self.enc.encode_ordinary_batch(list(text))]
 
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Encode text in which special-token strings ("<|bos|>") are those tokens, as HF tokenizers read text."""
+        return self.enc.encode(text, allowed_special="all")
+
     def __call__(self, *args, **kwargs):
         return self.encode(*args, **kwargs)
 

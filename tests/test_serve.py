@@ -156,6 +156,15 @@ def test_tokenize_counts_prompts_and_conversations_as_the_completions_do(client,
     assert code == 200 and counted["count"] == reply.usage.prompt_tokens
 
 
+def test_tokenize_reads_special_token_strings_as_those_tokens(server, tokenizer):
+    """As vLLM's /tokenize does: lm-evaluation-harness finds bos_token's id this way."""
+    code, info = get(server.url + "/tokenizer_info")
+    assert code == 200 and info["bos_token"] == "<|bos|>" and info["model_max_length"] > 0
+    _, counted = post(server.url + "/tokenize", {"prompt": info["bos_token"] + "hi", "add_special_tokens": False})
+    assert counted["tokens"] == [tokenizer.get_bos_token_id(), *tokenizer.encode("hi")]
+    assert post(server.url + "/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False})[1]["count"] == 1
+
+
 def test_detokenize_reverses_tokenize(server):
     _, counted = post(server.url + "/tokenize", {"prompt": "café ☕ 東京", "add_special_tokens": False})
     code, text = post(server.url + "/detokenize", {"tokens": counted["tokens"]})

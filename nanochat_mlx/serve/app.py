@@ -325,7 +325,9 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
             yield {**meta, "object": "text_completion", "choices": [], "usage": reply.usage()}
 
     async def tokenize(request: Request) -> Response:
-        """vLLM's /tokenize: a prompt's (or a conversation's) tokens, as the completions would count them."""
+        """vLLM's /tokenize: a prompt's (or a conversation's) tokens. Special-token strings in a prompt
+        are those tokens, as in vLLM (whose tokenizers read text so): lm-evaluation-harness finds
+        ``bos_token``'s id this way. /v1/completions reads a string prompt as plain text."""
         authorize(request)
         engine = engine_or_503()
         body = await read_json(request)
@@ -340,11 +342,27 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
                 raise ApiError(413, f"the prompt is too long: at most {limits.max_total_chars} characters",
                                param="prompt", code="too_large")  # fmt: skip
             special = field(body, "add_special_tokens", (bool,), "a boolean", True)
-            tokens = prompt_tokens(tok, prompt) if special else tok.encode(prompt)
+            tokens = ([tok.get_bos_token_id()] if special else []) + tok.encode_with_specials(prompt)
         out = {"count": len(tokens), "max_model_len": engine.context_limit, "tokens": tokens}
         if field(body, "return_token_strs", (bool,), "a boolean", False):
             out["token_strs"] = [tok.decode([t]) for t in tokens]
         return JSONResponse(out)
+
+    async def tokenizer_info(request: Request) -> Response:
+        """vLLM's /tokenizer_info: what a client needs to tokenize as the server does (with /tokenize)."""
+        authorize(request)
+        engine = engine_or_503()
+        tok = engine.tokenizer
+        return JSONResponse({
+            "tokenizer_class": "nanochat (tiktoken BPE)",
+            "bos_token": "<|bos|>",  # every document and conversation starts with it
+            "eos_token": "<|assistant_end|>",  # a reply ends with it (a base model's document with <|bos|>)
+            "pad_token": None,
+            "model_max_length": engine.context_limit,
+            "vocab_size": tok.vocab_size,
+            "special_tokens": sorted(tok.get_special_tokens(), key=tok.encode_special),
+            "chat_template": None,  # nanochat's rendering is the server's own (/v1/chat/completions)
+        })  # fmt: skip
 
     async def detokenize(request: Request) -> Response:
         """vLLM's /detokenize: the text of a list of token ids (special tokens spelled out)."""
@@ -386,6 +404,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/tokenizer_info", tokenizer_info),
         Mount("/static", StaticFiles(directory=WEB), name="static"),
     ]
     handlers = {ApiError: api_error, 404: not_found, 405: not_found}
