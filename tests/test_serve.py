@@ -165,6 +165,23 @@ def test_tokenize_reads_special_token_strings_as_those_tokens(server, tokenizer)
     assert post(server.url + "/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False})[1]["count"] == 1
 
 
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "Hi there"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b c"}, {"role": "user", "content": "d"}],
+    ],
+)
+def test_the_chat_template_renders_as_the_server_does(server, messages):
+    """/tokenizer_info's template, rendered by a client and tokenized by /tokenize, is the server's prompt."""
+    jinja2 = pytest.importorskip("jinja2")
+    template = jinja2.Environment().from_string(get(server.url + "/tokenizer_info")[1]["chat_template"])
+    text = template.render(messages=messages, add_generation_prompt=True)
+    client_side = post(server.url + "/tokenize", {"prompt": text, "add_special_tokens": False})[1]["tokens"]
+    assert client_side == post(server.url + "/tokenize", {"messages": messages})[1]["tokens"]
+
+
 def test_detokenize_reverses_tokenize(server):
     _, counted = post(server.url + "/tokenize", {"prompt": "café ☕ 東京", "add_special_tokens": False})
     code, text = post(server.url + "/detokenize", {"tokens": counted["tokens"]})

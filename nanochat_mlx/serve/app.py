@@ -65,6 +65,20 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+# The reference's chat rendering (Tokenizer.render_for_completion) as a Jinja chat template, for
+# clients that render conversations themselves and tokenize through /tokenize: a system message is
+# merged into the first user message, and the reply is primed with <|assistant_start|>.
+CHAT_TEMPLATE = (
+    "<|bos|>{% set ns = namespace(system=none) %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] %}"
+    "{% elif m['role'] == 'user' %}<|user_start|>"
+    "{% if ns.system is not none %}{{ ns.system }}\n\n{% set ns.system = none %}{% endif %}"
+    "{{ m['content'] }}<|user_end|>"
+    "{% else %}<|assistant_start|>{{ m['content'] }}<|assistant_end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant_start|>{% endif %}"
+)
+
+
 class Reply:
     """What the scheduler sent back for a request's jobs (``prompts`` of ``n`` choices), as it streams."""
 
@@ -361,7 +375,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
             "model_max_length": engine.context_limit,
             "vocab_size": tok.vocab_size,
             "special_tokens": sorted(tok.get_special_tokens(), key=tok.encode_special),
-            "chat_template": None,  # nanochat's rendering is the server's own (/v1/chat/completions)
+            "chat_template": CHAT_TEMPLATE,
         })  # fmt: skip
 
     async def detokenize(request: Request) -> Response:
