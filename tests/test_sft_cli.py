@@ -166,6 +166,17 @@ def test_by_default_the_run_is_one_epoch_of_the_data(tmp_path, data):
     assert state["data"]["consumed"] >= 64 and steps in (1, 2) and state["step"] == steps
 
 
+def test_data_smaller_than_one_step_is_noted_with_how_often_it_repeats(tmp_path):
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text("".join(json.dumps(r) + "\n" for r in sums(4, 2)))
+    r = run("sft", "--source", str(variant_dir("g9")), "--data", str(tiny), "--out", str(tmp_path / "o"),
+            "--steps", "1", *SMALL)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    tokens = int(r.stderr.split(" examples (")[1].split(" tokens")[0].replace(",", ""))
+    repeats = f"every step repeats it about {1024 / tokens:.0f} times"
+    assert f"note: the data holds {tokens:,} tokens, under one step's 1,024: {repeats}" in r.stderr
+
+
 def test_a_second_run_into_the_same_folder_is_refused(trained, data):
     out, _ = trained
     r = run("sft", "--source", str(variant_dir("g9")), "--data", data["train"], "--out", str(out), *SMALL)

@@ -372,8 +372,19 @@ def main(argv: list[str]) -> int:
     inherited = [x for x in inherited if not (plan.lora and x.split("=")[0].endswith("_lr"))]  # LoRA: --lr
     if inherited:
         progress.note("inherited: " + ", ".join(inherited))
+    if train.n_tokens < args.batch_tokens:
+        progress.note(_small_data_note(train.n_tokens, args))
     finished = _train(plan, loaded, trainer, packer, val, world, progress, step, run, out)
     return 0 if finished else 130  # 130: interrupted, as a shell reports Ctrl-C
+
+
+def _small_data_note(n_tokens: int, args: argparse.Namespace) -> str:
+    """Rows are packed epoch after epoch (as chat_sft does), so data smaller than a step repeats within it."""
+    return (
+        f"note: the data holds {n_tokens:,} tokens, under one step's {args.batch_tokens:,}: every step repeats "
+        f"it about {args.batch_tokens / n_tokens:.0f} times; smaller steps need a smaller --batch-tokens (a "
+        "multiple of --device-batch-size x --max-seq-len)"
+    )
 
 
 class StopAtStepEnd:
