@@ -258,6 +258,10 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(client, model_id, se
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4097}, 400),
         ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400),
+        ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400),
+        ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"42": 100}}, 400),
+        ({"messages": [{"role": "user", "content": "hi"}], "model": {"id": "m"}}, 400),
+        ({"messages": [{"content": "hi"}]}, 400),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, 400),
         ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}, 404),
         ({"messages": [{"role": "user", "content": "x" * 8001}]}, 413),
@@ -286,11 +290,67 @@ def test_bad_requests_get_openai_errors_with_the_right_status(server, body, stat
 def test_a_prompt_beyond_the_context_is_refused(server):
     code, reply = post(server.url + "/v1/completions", {"prompt": list(range(1, 400)) * 2})
     assert code == 400 and reply["error"]["code"] == "context_length_exceeded"
+    assert reply["error"]["param"] == "prompt" and reply["error"]["message"].startswith("the prompt is 798 tokens")
+
+
+def test_a_conversation_beyond_the_context_is_counted_whole(server):
+    """/tokenize and the context error give the conversation's real length, not one cut at the limit."""
+    messages = [{"role": "user", "content": "x " * 3000}]
+    code, counted = post(server.url + "/tokenize", {"messages": messages})
+    assert code == 200 and counted["count"] > counted["max_model_len"] + 1000
+    code, reply = post(server.url + "/v1/chat/completions", {"messages": messages})
+    assert code == 400 and reply["error"]["message"].startswith(f"the prompt is {counted['count']} tokens")
+    assert reply["error"]["param"] == "messages"
+
+
+def test_a_lone_surrogate_escape_is_read_as_the_replacement_character(server):
+    """JSON may spell a UTF-16 half that no UTF-8 can hold; it comes back echoed as U+FFFD."""
+    body = b'{"prompt": "a\\ud800b", "max_tokens": 1, "echo": true, "logprobs": 1}'
+    code, reply = post(server.url + "/v1/completions", body)
+    assert code == 200 and reply["choices"][0]["text"].startswith("a\ufffdb")
+
+
+def test_vllm_and_llama_cpp_spellings_of_off_and_random_are_accepted(client, model_id):
+    reply = chat(client, model_id, "hi", max_tokens=2, seed=-1, extra_body={"top_k": -1})
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_an_assistant_message_with_null_content_is_an_empty_turn(server):
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "?"},
+    ]
+    code, reply = post(server.url + "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
+    assert code == 200, reply
+
+
+def test_a_non_streaming_client_that_disconnects_frees_its_row():
+    """Its row must not run on to max_tokens: a few such clients would hold every batch slot."""
+    with serve(source="demo", backend="torch") as s:  # 2500 tokens take seconds here
+        body = {"prompt": "Once", "max_tokens": 2500, "ignore_eos": True}
+        request = urllib.request.Request(s.url + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with pytest.raises(TimeoutError):
+            urllib.request.urlopen(request, timeout=1)  # the client gives up, its socket closes
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            health = s.health()
+            if health["running"] == 0 and health["cancelled"] == 1:
+                break
+            time.sleep(0.05)
+        assert (health["running"], health["cancelled"]) == (0, 1)
 
 
 def test_unknown_model_is_404_for_the_client(client):
     with pytest.raises(openai.NotFoundError):
         chat(client, "gpt-4o", "hi", max_tokens=2)
+
+
+def test_the_model_can_be_retrieved_by_its_id(client, model_id):
+    assert client.models.retrieve(model_id).id == model_id
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
 
 
 def test_queue_full_is_429():
@@ -337,6 +397,22 @@ def test_ctrl_c_stops_the_server_promptly_even_mid_stream():
     assert "stopping; replies in flight get 2 s" in stderr and "Traceback" not in stderr, stderr
 
 
+def test_replies_cut_by_ctrl_c_end_with_abort_and_their_token_count():
+    with serve(source="demo", backend="torch") as s:
+        body = {"prompt": "Once", "max_tokens": 2500, "ignore_eos": True}
+        with ThreadPoolExecutor(1) as pool:
+            cut = pool.submit(post, s.url + "/v1/completions", body)
+            deadline = time.monotonic() + 30
+            while s.health()["running"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)  # some tokens out
+            s.process.send_signal(signal.SIGINT)
+            code, reply = cut.result(timeout=15)
+        assert s.process.wait(timeout=15) == 130
+    assert code == 200 and reply["choices"][0]["finish_reason"] == "abort"
+    assert reply["usage"]["completion_tokens"] > 0 and reply["choices"][0]["text"]
+
+
 def test_health_is_503_while_the_model_loads():
     with serve(backend="torch", wait=False) as s:
         s.wait_ready()
@@ -367,7 +443,8 @@ def test_cors_preflight_is_answered_for_allowed_origins_only():
                 headers={
                     "Origin": origin,
                     "Access-Control-Request-Method": "POST",
-                    "Access-Control-Request-Headers": "authorization,content-type",
+                    # what the OpenAI SDKs send besides the key and the body's type
+                    "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,openai-organization",
                 },  # fmt: skip
             )
             try:

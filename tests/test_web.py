@@ -50,11 +50,22 @@ def open_page(server, browser, max_tokens: int = 48) -> None:
     """The page, connected to the model, with a short reply length set in its settings."""
     browser.get(server.url + "/")
     wait(browser).until(EC.text_to_be_present_in_element((By.ID, "model"), "g1"))
+    set_max_tokens(browser, max_tokens)
+
+
+def set_max_tokens(browser, max_tokens: int) -> None:
     browser.find_element(By.ID, "settings-toggle").click()
     field = browser.find_element(By.ID, "max_tokens")
     field.clear()
     field.send_keys(str(max_tokens), Keys.TAB)
     browser.find_element(By.ID, "settings-toggle").click()
+
+
+def last_reply(browser) -> str:
+    """The last reply's text (read in the page: its element is redrawn as the reply streams)."""
+    return browser.execute_script(
+        "return document.querySelector('.message.assistant:last-child .body')?.textContent.trim() ?? ''"
+    )
 
 
 def reply_done(browser) -> None:
@@ -114,3 +125,36 @@ def test_markdown_renders_code_blocks_with_highlighting(server, browser):
     assert '<pre data-lang="python"><code><span class="tok-k">def</span>' in html
     assert '<span class="tok-c"># hi</span>' in html
     assert "<script>" not in browser.execute_script("return Markdown.render('<script>alert(1)</script>')")
+
+
+def test_a_failed_send_puts_the_message_back_and_the_retry_goes_through(server, browser):
+    open_page(server, browser, max_tokens=5000)  # over the server's limit: refused
+    browser.find_element(By.ID, "new-chat").click()
+    browser.find_element(By.ID, "prompt").send_keys("Try me", Keys.ENTER)
+    error = wait(browser).until(lambda b: b.find_element(By.ID, "error").text)
+    assert "max_tokens" in error
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "Try me"
+    assert not browser.find_elements(By.CSS_SELECTOR, ".message")  # nothing half-sent stays behind
+    set_max_tokens(browser, 48)
+    browser.find_element(By.ID, "prompt").send_keys(Keys.ENTER)  # the message is still in the box
+    wait(browser).until(last_reply)
+    reply_done(browser)
+    assert browser.find_element(By.ID, "error").get_attribute("hidden")
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".message.user .body")] == ["Try me"]
+
+
+def test_a_chat_over_the_context_drops_its_oldest_turns_and_goes_on(server, browser):
+    browser.get(server.url + "/")
+    turns = [{"role": r, "content": f"{r} turn {i} " + "words " * 40} for i in range(12) for r in ("user", "assistant")]
+    chats = [{"id": "long", "title": "long", "messages": turns}]
+    browser.execute_script("localStorage.setItem('nanochat.conversations', JSON.stringify(arguments[0]))", chats)
+    open_page(server, browser)
+    browser.find_element(By.ID, "prompt").send_keys("And now?", Keys.ENTER)
+    wait(browser).until(last_reply)
+    reply_done(browser)
+    assert browser.find_element(By.ID, "error").get_attribute("hidden")
+    marker = browser.find_element(By.CSS_SELECTOR, ".forgotten").text
+    assert marker.startswith("The model no longer sees the ") and marker.endswith(
+        "messages above (its context is full)."
+    )
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".message")) == 26  # every turn stays on the page

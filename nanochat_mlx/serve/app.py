@@ -21,13 +21,22 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .logprobs import Echo, chat_logprobs, completion_logprobs, joined
-from .protocol import ApiError, Generation, Limits, chat_messages, completion_prompts, field, generation
+from .protocol import (
+    ApiError,
+    Generation,
+    Limits,
+    chat_messages,
+    completion_prompts,
+    field,
+    generation,
+    parse_body,
+)
 from .scheduler import Delta, Failed, Finished, Job, QueueFull, Scheduler, Scored, Started, TokenLogprob
 
 WEB = Path(__file__).resolve().parent / "web"
@@ -42,6 +51,7 @@ class ServerConfig:
     strict_model: bool = False  # 404 for a request naming another model (else any name is served)
 
 
+DISCONNECT_CHECK_S = 0.5  # how often a request looks whether its client is still there
 SHUTDOWN_GRACE_S = 2  # after Ctrl-C, replies in flight get this long to finish before they are cut
 
 
@@ -128,31 +138,26 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", code="too_large")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", code="too_large")
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}") from None
-        except RecursionError:  # json's decoder recurses once per nesting level
-            raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        return data
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limits.max_body_bytes:
+                    raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", code="too_large")
+        except ClientDisconnect:  # nobody reads the answer; the log stays quiet
+            raise ApiError(400, "the client disconnected while sending the body") from None
+        return parse_body(bytes(body))
 
     def check_model(body: dict) -> None:
-        model = body.get("model")
+        model = field(body, "model", (str,), "a string")
         if config.strict_model and model is not None and model != config.model_id:
             raise ApiError(404, f"the model {model!r} does not exist; this server runs {config.model_id!r}",
                            param="model", code="model_not_found")  # fmt: skip
 
-    def check_context(tokens: list[int], gen: Generation, engine) -> None:
+    def check_context(tokens: list[int], engine, param: str) -> None:
         limit = engine.context_limit
         if len(tokens) >= limit:
             raise ApiError(400, f"the prompt is {len(tokens)} tokens; the model's context is {limit}",
-                           param="messages", code="context_length_exceeded")  # fmt: skip
+                           param=param, code="context_length_exceeded")  # fmt: skip
 
     async def submit(prompts: list[list[int]], gen: Generation) -> tuple[list[Job], asyncio.Queue]:
         """One job per prompt, their events on one queue as (prompt, event)."""
@@ -174,20 +179,24 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
     async def events(jobs: list[Job], queue: asyncio.Queue, reply: Reply, request: Request) -> AsyncIterator:
         """The jobs' events until all are over, as (prompt, event) with choice indices counted across
         the prompts (prompt p's choice i is p*n + i); the jobs are cancelled if the consumer stops early."""
-        running = len(jobs)
+        running, checked = len(jobs), time.monotonic()
         try:
             while running:
-                try:
-                    p, event = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                # A client that went away stops its rows within DISCONNECT_CHECK_S, streaming or not.
+                if time.monotonic() - checked > DISCONNECT_CHECK_S:
                     if await request.is_disconnected():
                         return
+                    checked = time.monotonic()
+                try:
+                    p, event = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_CHECK_S)
+                except asyncio.TimeoutError:
                     continue
                 if event is None:
                     running -= 1
                     continue
                 if isinstance(event, Failed):
-                    raise ApiError(500, f"generation failed: {event.message}", "server_error")
+                    prefix = "" if event.status == 503 else "generation failed: "
+                    raise ApiError(event.status, prefix + event.message, "server_error")
                 if isinstance(event, Delta | Finished):
                     event = replace(event, index=p * reply.n + event.index)
                 if isinstance(event, Started):
@@ -223,13 +232,23 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         engine_or_503()
         return JSONResponse({"object": "list", "data": [model_card()]})
 
+    async def model(request: Request) -> Response:
+        """OpenAI's ``models.retrieve``: this server's one model."""
+        authorize(request)
+        engine_or_503()
+        name = request.path_params["name"]
+        if name != config.model_id:
+            raise ApiError(404, f"the model {name!r} does not exist; this server runs {config.model_id!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+        return JSONResponse(model_card())
+
     def model_card() -> dict:
         return {"id": config.model_id, "object": "model", "created": started, "owned_by": "nanochat-mlx"}
 
     async def start(request: Request, prompts: list[list[int]], gen: Generation, engine, kind: str):
         """Queue a generation: its reply (filled as events arrive), the response's id fields, its events."""
         for tokens in prompts:
-            check_context(tokens, gen, engine)
+            check_context(tokens, engine, "messages" if kind == "chatcmpl" else "prompt")
         jobs, queue = await submit(prompts, gen)
         reply = Reply(gen.n, len(prompts))
         meta = {"id": f"{kind}-{secrets.token_hex(12)}", "created": int(time.time()), "model": config.model_id}
@@ -242,7 +261,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         check_model(body)
         messages = chat_messages(body, limits)
         gen = generation(body, limits, scheduler.max_rows)
-        tokens = chat_tokens(engine.tokenizer, messages, engine.context_limit)
+        tokens = chat_tokens(engine.tokenizer, messages)
         reply, meta, stream = await start(request, [tokens], gen, engine, "chatcmpl")
         if gen.stream:
             return sse(chat_chunks(stream, reply, gen, meta, engine.tokenizer))
@@ -347,7 +366,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         body = await read_json(request)
         tok = engine.tokenizer
         if "messages" in body:
-            tokens = chat_tokens(tok, chat_messages(body, limits), engine.context_limit)
+            tokens = chat_tokens(tok, chat_messages(body, limits))
         else:
             prompt = field(body, "prompt", (str,), "a string")
             if prompt is None:
@@ -407,13 +426,14 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
                 CORSMiddleware,
                 allow_origins=list(config.allowed_origins),
                 allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type"],
+                allow_headers=["*"],  # the OpenAI SDKs send their own (x-stainless-*, openai-organization)
             )
         )
     routes = [
         Route("/", index),
         Route("/health", health),
         Route("/v1/models", models),
+        Route("/v1/models/{name:path}", model),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
@@ -458,11 +478,12 @@ def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
 
 
-def chat_tokens(tokenizer, messages: list[dict], context_limit: int) -> list[int]:
-    """The reference's chat rendering of ``messages`` primed for the assistant's reply."""
+def chat_tokens(tokenizer, messages: list[dict]) -> list[int]:
+    """The reference's chat rendering of ``messages`` primed for the assistant's reply, whole (the
+    request limits bound its length; a prompt over the context is refused with its real length)."""
     try:
         return tokenizer.render_for_completion(
-            {"messages": [*messages, {"role": "assistant", "content": ""}]}, max_tokens=context_limit + 1
+            {"messages": [*messages, {"role": "assistant", "content": ""}]}, max_tokens=sys.maxsize
         )
     except ValueError as e:
         raise ApiError(400, str(e), param="messages") from None

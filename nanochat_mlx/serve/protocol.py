@@ -8,7 +8,9 @@ temperature 0-2, top-k 0-200, 1-4096 new tokens.
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +94,7 @@ def generation(body: dict, limits: Limits, max_rows: int, chat: bool = True) -> 
     top_p = ranged(body, "top_p", number, 0.0, 1.0, 1.0, "a number")
     if top_p == 0:
         raise ApiError(400, "'top_p' must be greater than 0", param="top_p")
-    top_k = ranged(body, "top_k", (int,), 0, limits.max_top_k, DEFAULT_TOP_K, "an integer")
+    top_k = ranged(body, "top_k", (int,), -1, limits.max_top_k, DEFAULT_TOP_K, "an integer")  # 0, -1: off
     min_p = ranged(body, "min_p", number, 0.0, 0.999999, 0.0, "a number")
     penalty = ranged(body, "repetition_penalty", number, 0.01, 10.0, 1.0, "a number")
     for name in ("frequency_penalty", "presence_penalty"):
@@ -105,13 +107,14 @@ def generation(body: dict, limits: Limits, max_rows: int, chat: bool = True) -> 
             )
     if field(body, "tools", (list,), "a list"):
         raise ApiError(400, "'tools' is not supported: the model's calculator tool runs on the server", param="tools")
+    unsupported(body)
     echo = False if chat else field(body, "echo", (bool,), "a boolean", False)
     fewest = 0 if echo else 1  # an echoed prompt may be only scored
     max_tokens = ranged(body, "max_completion_tokens", (int,), fewest, limits.max_tokens, None, "an integer")
     if max_tokens is None:
         max_tokens = ranged(body, "max_tokens", (int,), fewest, limits.max_tokens, DEFAULT_MAX_TOKENS, "an integer")
     n = ranged(body, "n", (int,), 1, max_rows, 1, "an integer")
-    seed = ranged(body, "seed", (int,), 0, MAX_SEED, None, "an integer")
+    seed = ranged(body, "seed", (int,), -1, MAX_SEED, None, "an integer")  # -1: a fresh draw, as llama.cpp
     stop = field(body, "stop", (str, list), "a string or a list of strings", [])
     stops = [stop] if isinstance(stop, str) else stop
     if len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
@@ -126,17 +129,27 @@ def generation(body: dict, limits: Limits, max_rows: int, chat: bool = True) -> 
     try:
         params = SamplingParams(
             temperature=float(temperature),
-            top_k=top_k or None,
+            top_k=top_k if top_k > 0 else None,
             top_p=float(top_p),
             min_p=float(min_p),
             repetition_penalty=float(penalty),
             # Without a seed, every request draws anew (OpenAI's behaviour); with one, it repeats.
-            seed=seed if seed is not None else random.randrange(MAX_SEED),
+            seed=seed if seed is not None and seed >= 0 else random.randrange(MAX_SEED),
             max_tokens=max_tokens,
         )
     except NanochatError as e:
         raise ApiError(400, str(e)) from None
     return Generation(params, n, tuple(stops), stream, include_usage, ignore_eos, logprobs, echo)
+
+
+def unsupported(body: dict) -> None:
+    """Fields that would change the output if honoured are refused, not silently ignored."""
+    response_format = field(body, "response_format", (dict,), "an object", {})
+    if response_format.get("type", "text") != "text":
+        raise ApiError(400, f"'response_format' {response_format.get('type')!r} is not supported (only 'text')"[:300],
+                       param="response_format")  # fmt: skip
+    if field(body, "logit_bias", (dict,), "an object"):
+        raise ApiError(400, "'logit_bias' is not supported", param="logit_bias")
 
 
 def requested_logprobs(body: dict) -> int | None:
@@ -161,7 +174,12 @@ def chat_messages(body: dict, limits: Limits) -> list[dict]:
         if not isinstance(message, dict):
             raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
         role = field(message, "role", (str,), "a string")
-        text = message_text(message.get("content"), f"messages[{i}].content")
+        if role is None:
+            raise ApiError(400, f"messages[{i}] has no 'role'", param=f"messages[{i}].role")
+        content = message.get("content")
+        if content is None and role == "assistant":  # OpenAI's clients send null beside tool calls
+            content = ""
+        text = message_text(content, f"messages[{i}].content")
         if len(text) > limits.max_message_chars:
             raise ApiError(
                 413, f"messages[{i}] is too long: at most {limits.max_message_chars} characters", code="too_large"
@@ -174,7 +192,8 @@ def chat_messages(body: dict, limits: Limits) -> list[dict]:
         elif role in ("user", "assistant"):
             out.append({"role": role, "content": text})
         else:
-            raise ApiError(400, f"messages[{i}].role must be system, user or assistant, got {role!r}")
+            raise ApiError(400, f"messages[{i}].role must be system, user or assistant, got {role!r}"[:300],
+                           param=f"messages[{i}].role")  # fmt: skip
     if total > limits.max_total_chars:
         too_long = f"the conversation is too long: at most {limits.max_total_chars} characters"
         raise ApiError(413, too_long, code="too_large")
@@ -219,3 +238,49 @@ def completion_prompts(body: dict, limits: Limits) -> list[str | list[int]]:
                 400, "'prompt' must be a string, a non-empty list of token ids, or a list of those", param="prompt"
             )
     return batch
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how one gets into JSON (raw, it is invalid UTF-8)
+
+
+def parse_body(body: bytes) -> dict:
+    """A request body: a JSON object, its strings valid Unicode (``without_surrogates``)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return without_surrogates(data) if _SURROGATE_ESCAPE.search(body) else data
+
+
+def without_surrogates(data: Any) -> Any:
+    """``data`` (parsed JSON) with every lone UTF-16 surrogate in its strings made U+FFFD.
+
+    JSON's ``\\ud800`` escapes parse into strings that cannot be encoded as UTF-8, so they could
+    neither be tokenized nor sent back (an echoed prompt); browsers and tokenizers replace them
+    the same way. The walk is iterative: the document may be as deep as the parser allowed.
+    """
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return _SURROGATE.sub("\ufffd", value)
+        if isinstance(value, dict):
+            cleaned = {clean(k): v for k, v in value.items()}
+            stack.append(cleaned)
+            return cleaned
+        if isinstance(value, list):
+            stack.append(value)
+        return value
+
+    stack: list = []
+    root = clean(data)
+    while stack:
+        node = stack.pop()
+        keys = node.keys() if isinstance(node, dict) else range(len(node))
+        for key in list(keys):
+            node[key] = clean(node[key])
+    return root

@@ -64,7 +64,7 @@ class Delta:
 @dataclass
 class Finished:
     index: int
-    reason: str  # "stop" or "length"
+    reason: str  # "stop", "length", or "abort" (cancelled: the client left or the server is stopping)
     completion_tokens: int
 
 
@@ -84,6 +84,7 @@ class Scored:
 @dataclass
 class Failed:
     message: str
+    status: int = 500  # the HTTP status a request that has not answered yet gets
 
 
 Event = Delta | Finished | Started | Scored | Failed
@@ -165,6 +166,7 @@ class Scheduler:
         self._rows: list[_BatchRow] = []
         self._lock = threading.Condition()
         self._stopping = False
+        self.shutting_down = False  # cancel_all was called: what has not started is refused
         self.peak_rows = 0  # the most rows one decode step has run
         self.cancelled_rows = 0  # rows stopped because their client went away
         self._ahead: _Step | None = None  # a step scheduled before the last one was read back
@@ -192,6 +194,7 @@ class Scheduler:
     def cancel_all(self) -> None:
         """Stop every job, waiting or running, at the next step (the server is shutting down)."""
         with self._lock:
+            self.shutting_down = True
             for job in [*self._waiting, *self._prefilling, *(r.job for r in self._rows)]:
                 job.cancel()
             self._lock.notify()
@@ -275,6 +278,8 @@ class Scheduler:
         if job.cancelled:
             with self._lock:
                 self._prefilling.remove(job)
+            if self.shutting_down:  # its client is still there, waiting for an answer
+                job.sink(Failed("the server is shutting down", 503))
             job.sink(None)
             return False
         if job.cache is None:
@@ -471,13 +476,13 @@ class Scheduler:
         with self._lock:
             self._rows.remove(row)
         job = row.job
-        if reason is not None:
-            tail = "".join(p.text for p in row.state.flush())
-            if tail:
-                job.sink(Delta(row.index, tail, []))
-            job.sink(Finished(row.index, reason, row.generated))
-        else:
+        tail = "".join(p.text for p in row.state.flush())
+        if tail:
+            job.sink(Delta(row.index, tail, []))
+        if reason is None:
             self.cancelled_rows += 1
+        # A cancelled row's client may still be there (a server stopping): it is told, with what it got.
+        job.sink(Finished(row.index, reason or "abort", row.generated))
         runner = self.engine.runner
         length = runner.cache_length(row.cache)
         # A row cancelled while a step ran ahead holds one position more than the tokens read back.

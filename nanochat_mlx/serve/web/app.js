@@ -62,8 +62,9 @@ async function connect() {
   hideError();
 }
 
-async function errorText(r) {
-  try { return (await r.json()).error.message; } catch (e) { return `HTTP ${r.status}`; }
+async function errorText(r) { return (await apiError(r)).message; }
+async function apiError(r) {
+  try { return (await r.json()).error; } catch (e) { return { message: `HTTP ${r.status}` }; }
 }
 function showError(text) { $("error").textContent = text; $("error").hidden = false; }
 function hideError() { $("error").hidden = true; }
@@ -117,8 +118,18 @@ function fill(el, m) {
 
 function renderLog() {
   const c = conversation();
-  $("log").replaceChildren(...(c ? c.messages.map(messageElement) : []));
+  const elements = c ? c.messages.map(messageElement) : [];
+  if (c?.skip) elements.splice(c.skip, 0, forgotten(c.skip));
+  $("log").replaceChildren(...elements);
   $("log").scrollTop = $("log").scrollHeight;
+}
+
+// Where a long chat's oldest turns left the model's context: they stay on the page, unsent.
+function forgotten(count) {
+  const el = document.createElement("p");
+  el.className = "muted forgotten";
+  el.textContent = `The model no longer sees the ${count} message${count === 1 ? "" : "s"} above (its context is full).`;
+  return el;
 }
 
 function renderAll() { renderSidebar(); renderLog(); }
@@ -139,33 +150,46 @@ function busy(on) {
   $("log").setAttribute("aria-busy", String(on));
 }
 
-async function send(text) {
-  const c = conversation() || newChat();
-  if (!c.title) c.title = text.slice(0, 40);
-  c.messages.push({ role: "user", content: text });
-  const reply = { role: "assistant", content: "", tools: [] };
-  const history = c.messages.map(({ role, content }) => ({ role, content }));
+// The reply's request, dropping the oldest turn (a user message and its reply) while the server
+// says the conversation is over the model's context: the page's chat then goes on, as the TUI's does.
+async function request(c, reply) {
   const system = $("system").value.trim();
-  c.messages.push(reply);
-  save(); renderAll();
-  const el = $("log").lastElementChild;
-  state.controller = new AbortController();
-  busy(true); hideError();
-  const started = performance.now();
-  let first = null, chunks = 0, pending = false;
-  const repaint = () => {
-    if (pending) return;
-    pending = true;
-    requestAnimationFrame(() => { pending = false; fill(el, reply); $("log").scrollTop = $("log").scrollHeight; });
-  };
-  try {
+  for (;;) {
+    const history = c.messages.slice(c.skip || 0, -1).map(({ role, content }) => ({ role, content }));
     const r = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: state.controller.signal,
       body: JSON.stringify({ model: state.model, stream: true, stream_options: { include_usage: true },
                              messages: system ? [{ role: "system", content: system }, ...history] : history,
                              ...sampling() }),
     });
-    if (!r.ok) throw new Error(await errorText(r));
+    if (r.ok) return r;
+    const error = await apiError(r);
+    if (error.code !== "context_length_exceeded" || history.length < 3) throw new Error(error.message);
+    c.skip = (c.skip || 0) + 2;
+    renderLog();
+  }
+}
+
+async function send(text) {
+  const c = conversation() || newChat();
+  if (!c.title) c.title = text.slice(0, 40);
+  c.messages.push({ role: "user", content: text });
+  const reply = { role: "assistant", content: "", tools: [] };
+  c.messages.push(reply);
+  const skipped = c.skip;
+  save(); renderAll();
+  state.controller = new AbortController();
+  busy(true); hideError();
+  const started = performance.now();
+  let first = null, chunks = 0, pending = false;
+  const el = () => $("log").lastElementChild;
+  const repaint = () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => { pending = false; fill(el(), reply); $("log").scrollTop = $("log").scrollHeight; });
+  };
+  try {
+    const r = await request(c, reply);
     const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     for (;;) {
@@ -205,8 +229,14 @@ async function send(text) {
   } finally {
     state.controller = null;
     busy(false);
-    if (!reply.content && !reply.stopped) c.messages.pop(); // nothing came back: keep the history clean
-    save(); fill(el, reply);
+    if (!reply.content && !reply.stopped) {
+      // Nothing came back (an error): the message goes back to the box, so a retry sends it again.
+      c.messages.splice(-2, 2);
+      c.skip = skipped;
+      if (!$("prompt").value) $("prompt").value = text;
+      renderLog();
+    } else fill(el(), reply);
+    save();
     $("speed").title = `time to first token ${first ? ((first - started) / 1000).toFixed(2) : "-"} s`;
     $("prompt").focus();
   }
