@@ -158,3 +158,14 @@ def test_a_chat_over_the_context_drops_its_oldest_turns_and_goes_on(server, brow
         "messages above (its context is full)."
     )
     assert len(browser.find_elements(By.CSS_SELECTOR, ".message")) == 26  # every turn stays on the page
+
+
+def test_a_long_chat_scrolls_inside_the_log_and_the_page_stays_put(server, browser):
+    browser.get(server.url + "/")
+    turns = [{"role": r, "content": "many words " * 300} for r in ("user", "assistant")] * 4
+    chats = [{"id": "tall", "title": "tall", "messages": turns}]
+    browser.execute_script("localStorage.setItem('nanochat.conversations', JSON.stringify(arguments[0]))", chats)
+    open_page(server, browser)
+    heights = "[document.scrollingElement.scrollHeight, innerHeight, document.getElementById('log').scrollHeight]"
+    page, window, log = browser.execute_script(f"return {heights}")
+    assert log > window and page == window  # the header and the message box stay on screen
