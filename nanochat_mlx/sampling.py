@@ -17,6 +17,8 @@ from .options import finite, whole
 
 REPETITION_WINDOW = 20  # tokens the repetition penalty looks back over (mlx-lm's default)
 MAX_TOP_LOGPROBS = 20  # alternatives a token's log-probabilities may list (OpenAI's bound)
+MAX_SEED = 2**63 - 1  # what every backend's generator takes
+SMALLEST_TEMPERATURE = 1.1754944e-38  # float32's smallest normal: 0 / it stays 0 (a smaller one would round to 0)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class SamplingParams:
             raise NanochatError(f"repetition penalty must be > 0, got {self.repetition_penalty}")
         if self.max_tokens is not None and self.max_tokens < 0:
             raise NanochatError(f"max tokens must be >= 0, got {self.max_tokens}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise NanochatError(f"seed must be between 0 and 2**63-1, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -123,7 +127,9 @@ class Sampler:
             logits = ops.scatter(logits, self.history, penalized)
         if p.greedy:
             return ops.argmax(logits)
-        logits = logits / p.temperature
+        # Scaled from the row's maximum, which stays 0: a temperature so small that the others
+        # overflow to -inf then samples the maximum, never inf/inf (NaN) or a tie of infinities.
+        logits = (logits - ops.row_max(logits)) / max(p.temperature, SMALLEST_TEMPERATURE)
         if p.top_k and p.top_k < logits.shape[-1]:
             logits = ops.where(logits < ops.kth_largest(logits, p.top_k), -float("inf"), logits)
         if p.min_p > 0 or p.top_p < 1.0:

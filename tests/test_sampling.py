@@ -143,3 +143,17 @@ def test_repetition_penalty_decoding_matches_a_plain_loop() -> None:
 def test_values_that_are_not_finite_numbers_are_refused(field, bad) -> None:
     with pytest.raises(nc.NanochatError, match="finite"):
         SamplingParams(**{field: float(bad)})
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-300])
+def test_a_vanishing_temperature_samples_the_maximum(runner, temperature) -> None:
+    """Dividing raw logits by it would overflow: infinities tie (any of them drawn) or make NaN."""
+    rows = [[3.0, 5.0, 4.0, -1.0, 2.0]] * 64
+    ids = sample_ids(runner, SamplingParams(temperature=temperature, top_k=None, seed=0), rows)
+    assert ids == [1] * 64
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 10**23])
+def test_a_seed_no_generator_takes_is_refused(seed) -> None:
+    with pytest.raises(nc.NanochatError, match=r"seed must be between 0 and 2\*\*63-1"):
+        SamplingParams(seed=seed)
