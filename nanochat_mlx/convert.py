@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ def convert(
     floating-point tensors; ``quantize`` (4 or 8) stores group-64 affine-quantized linear and
     embedding layers. Refuses a non-empty ``out``. Returns the output folder.
     """
+    if not str(out).strip():
+        raise NanochatError("give the output folder (a new or empty one), got ''")
     out = Path(out).expanduser()
     _check_out(out)
     LoadOptions(str(source), step, arch, dtype, quantize)  # the same checks as every load
@@ -62,13 +65,23 @@ def convert(
         quantized = sorted(k[: -len(".scales")] for k in tensors if k.endswith(".scales"))
         quantization["quantized_layers"] = len(quantized)
 
+    try:
+        _write(out, tensors, ckpt, lambda tokenizer: _config_json(ckpt, dtype, quantization, tokenizer, source))
+    except OSError as e:  # a read-only, full or missing place: say where, not the temporary folder's name
+        raise NanochatError(f"{out}: cannot write the converted folder there ({e.strerror or e})") from None
+    return out
+
+
+def _write(out: Path, tensors: dict, ckpt: Checkpoint, config: Callable[[str], dict]) -> None:
+    """The folder's files, written beside ``out`` and renamed into place only once complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # mkdir (not mkdtemp, whose folder only its owner may read) gives the folder the user's umask.
+    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         mx.save_safetensors(str(tmp / WEIGHTS_FILE), tensors, metadata={"format": "mlx"})
-        tokenizer_name = _write_tokenizer(ckpt, tmp)
-        config = _config_json(ckpt, dtype, quantization, tokenizer_name, source)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        tokenizer = _write_tokenizer(ckpt, tmp)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config(tokenizer), indent=2) + "\n", encoding="utf-8")
         _check_out(out)  # something may have appeared meanwhile
         if out.exists():
             out.rmdir()  # an empty folder: replace it
@@ -76,7 +89,6 @@ def convert(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _check_out(out: Path) -> None:

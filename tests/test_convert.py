@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -82,6 +86,29 @@ def test_failed_conversion_leaves_nothing(tmp_path):
     with pytest.raises(NanochatError):
         convert(str(variant_dir("g1")), tmp_path / "out", dtype="float64")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_folder_gets_the_users_permissions(tmp_path):
+    before = os.umask(0o022)
+    try:
+        out = convert(str(variant_dir("g1")), tmp_path / "shared")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not a temporary folder's owner-only 0o700
+
+
+@pytest.mark.parametrize("where", ["afile/sub", "missing-root"])
+def test_a_place_that_cannot_be_written_is_one_line_naming_it(tmp_path, where):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / where if where != "missing-root" else Path("/proc/nanochat-out")
+    with pytest.raises(NanochatError, match=rf"^{re.escape(str(out))}: cannot write the converted folder there \("):
+        convert(str(variant_dir("g1")), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_an_empty_output_name_is_refused():
+    with pytest.raises(NanochatError, match="give the output folder"):
+        convert(str(variant_dir("g1")), "")
 
 
 @pytest.fixture(scope="module")
