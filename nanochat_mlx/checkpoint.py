@@ -54,7 +54,16 @@ class Checkpoint:
 
     @property
     def n_params(self) -> int:
-        return sum(int(w.size) for w in self.weights.values())
+        """The model's parameters: a quantized matrix counts its values, not its packed words and scales."""
+        bits = (self.quantization or {}).get("bits")
+        total = 0
+        for name, w in self.weights.items():
+            base, _, leaf = name.rpartition(".")
+            quantized = bits and f"{base}.scales" in self.weights
+            if quantized and leaf in ("scales", "biases"):
+                continue
+            total += int(w.size) * (32 // bits if quantized and leaf == "weight" else 1)
+        return total
 
 
 def read_checkpoint(

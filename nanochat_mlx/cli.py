@@ -314,7 +314,7 @@ def _info(args: argparse.Namespace) -> int:
 
     options = load_options(args)
     ckpt = read_checkpoint(options.source, step=options.step, arch=options.arch)
-    rows = [*describe_checkpoint(ckpt), ("backend", describe_backend(options.backend))]
+    rows = [*describe_checkpoint(ckpt), ("backend", describe_backend(options.backend, ckpt))]
     print("\n".join(f"{label + ':':<13} {value}" for label, value in rows))
     return 0
 

@@ -133,7 +133,7 @@ def from_checkpoint(
     report = progress or (lambda p: None)
     start = time.perf_counter() if start is None else start
     report(Progress("model", STAGES["model"]))
-    model = build_model(ckpt, pick_backend(options.backend), dtype=options.dtype, quantize=options.quantize)
+    model = build_model(ckpt, pick_backend(options.backend, ckpt), dtype=options.dtype, quantize=options.quantize)
     report(Progress("engine", STAGES["engine"]))
     engine = Engine(model, ckpt.tokenizer)
     return LoadedModel(options, ckpt, model, engine, time.perf_counter() - start)

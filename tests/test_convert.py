@@ -19,6 +19,8 @@ from nanochat_mlx.checkpoint import read_checkpoint
 from nanochat_mlx.config import ModelConfig
 from nanochat_mlx.convert import convert
 from nanochat_mlx.errors import NanochatError
+from nanochat_mlx.loading import load_model
+from nanochat_mlx.options import LoadOptions
 from nanochat_mlx.synthetic import random_checkpoint
 from nanochat_mlx.weights import read_safetensors
 
@@ -148,3 +150,15 @@ def test_quantized_fixture_reloads(tmp_path):
     assert "transformer.h.0.mlp.c_proj.scales" in read_safetensors(out / "model.safetensors")
     model, _ = nc.load(str(out), dtype="float32")
     assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 400)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_folder_counts_the_parameters_it_quantized(tmp_path, small_random, bits):
+    out = convert(small_random, tmp_path / f"q{bits}", quantize=bits)
+    assert read_checkpoint(str(out)).n_params == small_random.n_params  # not packed words plus scales
+
+
+def test_auto_runs_a_quantized_folder_on_mlx_the_one_backend_that_can(tmp_path, small_random):
+    out = convert(small_random, tmp_path / "q4", quantize=4)
+    loaded = load_model(LoadOptions(str(out), backend="auto"))
+    assert loaded.backend == "mlx"

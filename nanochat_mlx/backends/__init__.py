@@ -18,14 +18,17 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def pick_backend(name: str) -> str:
-    """Resolve "auto": MLX on Apple Silicon, torch if installed (CUDA, MPS or a fast CPU), else MLX."""
+def pick_backend(name: str, ckpt: Any = None) -> str:
+    """Resolve "auto": MLX on Apple Silicon, torch if installed (CUDA, MPS or a fast CPU), else MLX;
+    MLX for ``ckpt`` a folder of MLX-quantized weights, which only MLX runs."""
     if name not in BACKENDS:
         raise NanochatError(f"unknown backend {name!r} (choose {', '.join(BACKENDS)})")
     if name == "torch" and not torch_available():
         raise NanochatError("the torch backend needs PyTorch: pip install 'nanochat-mlx[torch]'")
     if name != "auto":
         return name
+    if ckpt is not None and ckpt.quantization:
+        return "mlx"
     if platform.system() == "Darwin" and platform.machine() == "arm64":
         return "mlx"
     return "torch" if torch_available() else "mlx"
@@ -42,9 +45,9 @@ def build_model(ckpt: Any, backend: str, dtype: str | None = None, quantize: int
     return build_mlx_model(ckpt, dtype=dtype, quantize=quantize)
 
 
-def describe_backend(requested: str) -> str:
-    """Which backend ``requested`` resolves to here, on which device with which default dtype."""
-    name = pick_backend(requested)
+def describe_backend(requested: str, ckpt: Any = None) -> str:
+    """Which backend ``requested`` resolves to here (for ``ckpt``), on which device with which default dtype."""
+    name = pick_backend(requested, ckpt)
     if name == "torch":
         from .torch.model import default_device, default_dtype
 
