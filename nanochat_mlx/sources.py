@@ -87,6 +87,7 @@ class Selection:
     meta: str | None = None
     config: str | None = None
     step: int | None = None
+    others: tuple[str, ...] = ()  # other checkpoint folders as shallow as the one chosen
 
     @property
     def names(self) -> list[str]:
@@ -99,7 +100,8 @@ def select_checkpoint(
     """THE rule that picks a checkpoint's files from a listing: a local folder's or a Hub repo's.
 
     - The checkpoint folder is the shallowest folder at or below ``subdir`` (at most
-      ``MAX_DEPTH`` levels down, hidden folders skipped, ties by name) that holds config.json
+      ``MAX_DEPTH`` levels down, hidden folders skipped; ties: the largest ``d<N>`` model tag, as
+      the reference picks, else by name) that holds config.json
       with ``*.safetensors``, or native model files ``model_<step>.{pt,safetensors}`` / ``model.*``.
     - config.json + ``*.safetensors``: config.json and every shard. Native: the file ``model`` if
       given, else the ``step`` asked for, else the highest step, else the unnumbered model; for one
@@ -129,7 +131,10 @@ def select_checkpoint(
     found = [(d, f) for f in by_dir if (d := depth(f)) is not None and _holds_checkpoint(by_dir[f], model)]
     if not found:
         return None
-    folder = min(found)[1]
+    shallowest = min(d for d, _ in found)
+    tied = sorted(f for d, f in found if d == shallowest)
+    folder = max(tied, key=_model_size) if all(_model_size(f) for f in tied) else tied[0]
+    others = tuple(f for f in tied if f != folder)
     names = by_dir[folder]
 
     def rel(name: str) -> str:
@@ -145,7 +150,7 @@ def select_checkpoint(
         )
     if model is None and _has_config_weights(names):
         shards = tuple(rel(n) for n in sorted(names) if n.endswith(".safetensors"))
-        return Selection(folder, shards, tokenizer, config=rel("config.json"))
+        return Selection(folder, shards, tokenizer, config=rel("config.json"), others=others)
     models: dict[int | None, str] = {}
     for name in sorted(names):  # ".pt" sorts before ".safetensors": the latter wins a step
         if (m := _MODEL.match(name)) and model in (None, name):
@@ -161,7 +166,13 @@ def select_checkpoint(
         raise CheckpointError(
             f"{origin}: {models[chosen]} in {shown_folder} has no meta file {want} beside it (it holds model_config)"
         )
-    return Selection(folder, (rel(models[chosen]),), tokenizer, meta=rel(meta), step=chosen)
+    return Selection(folder, (rel(models[chosen]),), tokenizer, meta=rel(meta), step=chosen, others=others)
+
+
+def _model_size(folder: str) -> int | None:
+    """N of a ``d<N>`` model-tag folder (the reference names its runs by depth), else None."""
+    m = re.fullmatch(r"d(\d+)", posixpath.basename(folder))
+    return int(m.group(1)) if m else None
 
 
 def _holds_checkpoint(names: set[str], model: str | None) -> bool:
@@ -274,8 +285,9 @@ def _resolve_dir(path: Path, step: int | None, origin: str, model: str | None = 
 def _checkpoint_files(root: Path, sel: Selection, origin: str) -> CheckpointFiles:
     weights = [root / n for n in sel.weights]
     tokenizer = root / sel.tokenizer
+    notes = [_choice_note(origin, sel)] if sel.others else []
     if sel.config is None:
-        return CheckpointFiles(origin, "native", weights, tokenizer, meta=root / sel.meta, step=sel.step)
+        return CheckpointFiles(origin, "native", weights, tokenizer, meta=root / sel.meta, step=sel.step, notes=notes)
     config_path = root / sel.config
     config = read_json(config_path, "config.json")
     if isinstance(config, dict) and "nanochat_mlx" in config:
@@ -284,7 +296,16 @@ def _checkpoint_files(root: Path, sel: Selection, origin: str) -> CheckpointFile
         layout = "transformers"
     else:
         layout = "mlx-lm"
-    return CheckpointFiles(origin, layout, weights, tokenizer, config=config_path)
+    return CheckpointFiles(origin, layout, weights, tokenizer, config=config_path, notes=notes)
+
+
+def _choice_note(origin: str, sel: Selection) -> str:
+    """Several checkpoints side by side: which one runs, and how to name another."""
+    shown = ", ".join(posixpath.basename(f) for f in sel.others[:4]) + (", ..." if len(sel.others) > 4 else "")
+    return (
+        f"{origin} holds {len(sel.others) + 1} checkpoint folders: running {posixpath.basename(sel.folder)} "
+        f"(the others: {shown}; give its folder to run another)"
+    )
 
 
 def _has_transformers_names(path: Path) -> bool:

@@ -204,11 +204,12 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return snap
 
 
-def test_hub_repo_picks_shallowest_checkpoint(hf_cache: Path) -> None:
+def test_hub_repo_picks_the_shallowest_checkpoint_and_of_those_the_largest_tag(hf_cache: Path) -> None:
     ckpt = read_checkpoint(f"hf:{REPO}")
-    assert ckpt.files.folder == hf_cache / "d12"
+    assert ckpt.files.folder == hf_cache / "d20"  # archive/old sorts first, but lies deeper
     assert ckpt.files.tokenizer == hf_cache / "tokenizer.pkl"
-    assert ckpt.spec.name == "g1"
+    assert ckpt.spec.name == "g2"
+    assert ckpt.notes[0].startswith(f"hf:{REPO} holds 2 checkpoint folders: running d20 (the others: d12;")
 
 
 def test_hub_subfolder(hf_cache: Path) -> None:
@@ -294,8 +295,24 @@ def test_select_files_subfolder() -> None:
 
 
 def test_select_files_subfolder_uses_root_tokenizer() -> None:
-    files = ["tokenizer/tokenizer.pkl", "d12/model_000100.pt", "d12/meta_000100.json", "d32/model_000200.pt"]
+    files = ["tokenizer/tokenizer.pkl", "d12/model_000100.pt", "d12/meta_000100.json", "notes/README.md"]
     assert select_files(files) == ["d12/meta_000100.json", "d12/model_000100.pt", "tokenizer/tokenizer.pkl"]
+
+
+def test_side_by_side_model_tags_run_the_largest_as_the_reference_picks() -> None:
+    tags = [f"d{n}/{name}" for n in (8, 12, 4) for name in ("model_000100.pt", "meta_000100.json")]
+    files = ["tokenizer.pkl", *tags]
+    assert select_files(files) == ["d12/meta_000100.json", "d12/model_000100.pt", "tokenizer.pkl"]
+
+
+def test_side_by_side_checkpoints_say_which_one_runs(tmp_path: Path) -> None:
+    for name in ("run_b", "run_a", "run_c"):
+        native_files("g1", tmp_path / name, tokenizer=True)
+    files = resolve(str(tmp_path))
+    assert files.folder == tmp_path / "run_a"  # no model tags: by name
+    running = "running run_a (the others: run_b, run_c; give its folder to run another)"
+    assert files.notes == [f"{tmp_path} holds 3 checkpoint folders: {running}"]
+    assert resolve(str(tmp_path / "run_b")).notes == []
 
 
 def test_select_files_config_layout() -> None:
