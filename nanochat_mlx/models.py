@@ -20,7 +20,8 @@ from pathlib import Path
 from .demo import MODEL_DIR, demo_meta
 from .demo import SOURCE as DEMO_SOURCE
 from .errors import NanochatError
-from .sources import PHASE_DIRS, nanochat_base_dir, resolve
+from .sources import PHASE_DIRS, base_dir_source, nanochat_base_dir, resolve
+from .userconfig import is_local_source, last_source
 
 GROUPS = {
     "built-in": "built-in (offline)",
@@ -67,11 +68,34 @@ class ModelChoice:
 
 
 def discover(folders: list[str] | tuple[str, ...] = (), last: str | None = None) -> list[ModelChoice]:
-    """Every model there is to pick, grouped as ``GROUPS``; ``last`` (a source) is marked last used."""
+    """Every model there is to pick, grouped as ``GROUPS``; ``last`` (a source) is marked last used,
+    and listed too when it is a folder not given."""
+    given = {_same(f) for f in folders}
+    if last and is_local_source(last) and _same(last) not in given and Path(last).expanduser().exists():
+        folders = [*folders, last]
     choices = [demo_choice(), *hub_cache_choices(), *base_dir_choices(), *(folder_choice(f) for f in folders)]
     cached_repos = {"/".join(c.source.removeprefix("hf:").split("/")[:2]) for c in choices if c.group == "hub-cache"}
     choices += [download_choice(k) for k in KNOWN_REPOS if k.repo not in cached_repos]
-    return [ModelChoice(**{**asdict(c), "last_used": c.source == last}) for c in choices]
+    chosen = _chosen(last, [c.source for c in choices])
+    return [ModelChoice(**{**asdict(c), "last_used": c.source == chosen}) for c in choices]
+
+
+def _same(source: str) -> str:
+    """What ``source`` runs, spelled one way: a folder as its absolute path, ``nanochat:sft`` with its tag."""
+    if is_local_source(source):
+        return str(Path(source).expanduser().resolve())
+    return base_dir_source(source)
+
+
+def _chosen(last: str | None, sources: list[str]) -> str | None:
+    """The listed source that ``last`` runs (a Hub repo: its one cached checkpoint folder)."""
+    if last is None:
+        return None
+    same = [s for s in sources if _same(s) == _same(last)]
+    if same:
+        return same[0]
+    within = [s for s in sources if s.startswith(last.rstrip("/") + "/")]
+    return within[0] if last.startswith("hf:") and len(within) == 1 else None
 
 
 def demo_choice() -> ModelChoice:
@@ -219,8 +243,6 @@ def render(choices: list[ModelChoice]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from .userconfig import last_source
-
     p = argparse.ArgumentParser(
         prog="nanochat-mlx models",
         description="List the models to chat with: the built-in demo, cached Hub repos, nanochat base-dir "

@@ -329,12 +329,23 @@ def _resolve_base_dir(spec: str, step: int | None) -> CheckpointFiles:
     phase_dir = nanochat_base_dir() / PHASE_DIRS[phase]
     if not phase_dir.is_dir():
         raise CheckpointError(f"nanochat:{spec}: {phase_dir} does not exist (set NANOCHAT_BASE_DIR?)")
-    if not tag:
-        tag = _largest_model_tag(phase_dir, spec)
+    tag = tag or _largest_model_tag(phase_dir, spec)
     folder = phase_dir / tag
     if not folder.is_dir():
         raise CheckpointError(f"nanochat:{spec}: no model tag {tag!r} in {phase_dir}")
     return _resolve_dir(folder, step, origin=f"nanochat:{spec}")
+
+
+def base_dir_source(spec: str) -> str:
+    """``nanochat:PHASE`` as the ``nanochat:PHASE/TAG`` it runs (other sources unchanged)."""
+    phase, _, tag = spec.removeprefix("nanochat:").partition("/")
+    phase_dir = nanochat_base_dir() / PHASE_DIRS.get(phase, "")
+    if not spec.startswith("nanochat:") or tag or phase not in PHASE_DIRS or not phase_dir.is_dir():
+        return spec
+    try:
+        return f"nanochat:{phase}/{_largest_model_tag(phase_dir, spec)}"
+    except CheckpointError:
+        return spec
 
 
 def _largest_model_tag(phase_dir: Path, spec: str) -> str:

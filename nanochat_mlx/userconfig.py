@@ -66,7 +66,7 @@ def last_source() -> str | None:
     source = load_config().get(SOURCE_KEY)
     if not isinstance(source, str) or not source.strip():
         return None
-    if _is_local(source) and not Path(source).expanduser().exists():
+    if is_local_source(source) and not Path(source).expanduser().exists():
         return None
     return source
 
@@ -78,7 +78,7 @@ def default_source() -> str:
 
 def remember_source(source: str) -> bool:
     """Record ``source`` as the user's choice (local paths made absolute); False if it can't be saved."""
-    if _is_local(source):
+    if is_local_source(source):
         source = str(Path(source).expanduser().resolve())
     data = load_config()
     if data.get(SOURCE_KEY) == source:
@@ -93,6 +93,6 @@ def default_source_hint(source: str) -> str | None:
     return f"note: chatting with the built-in demo model (tiny); {REAL_MODEL_HINT}"
 
 
-def _is_local(source: str) -> bool:
+def is_local_source(source: str) -> bool:
     """Not a scheme source (``hf:``, ``nanochat:``) nor the demo: a folder or file path."""
     return source != DEMO_SOURCE and not source.startswith(("hf:", "nanochat:"))

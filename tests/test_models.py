@@ -125,6 +125,24 @@ def test_discover_orders_groups_and_marks_the_last_used(hub: Path, base_dir: Pat
     assert [c.source for c in choices if c.last_used] == ["nanochat:sft/d20"]
 
 
+def test_a_phase_chosen_last_marks_the_tag_it_runs(base_dir: Path) -> None:
+    marked = [c.source for c in models.discover(last="nanochat:base") if c.last_used]
+    assert marked == ["nanochat:base/d12"]  # the largest tag, as nanochat:base loads
+
+
+def test_a_folder_chosen_last_is_listed_and_marked_without_being_given(tmp_path: Path) -> None:
+    folder = native_files("g1", tmp_path / "my-run", tokenizer=True)
+    marked = [c for c in models.discover(last=str(folder)) if c.last_used]
+    assert [(c.source, c.group) for c in marked] == [(str(folder), "folder")]
+
+
+def test_a_folder_given_relative_is_the_one_chosen_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = native_files("g1", tmp_path / "my-run", tokenizer=True)
+    monkeypatch.chdir(tmp_path)
+    listed = [c for c in models.discover(["my-run"], last=str(folder)) if c.group == "folder"]
+    assert [(c.source, c.last_used) for c in listed] == [("my-run", True)]
+
+
 def _env(tmp_path: Path) -> dict[str, str]:
     build_hf_cache(tmp_path / "hf" / "hub")
     build_base_dir(tmp_path / "nanochat")

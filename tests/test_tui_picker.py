@@ -29,7 +29,7 @@ from tui.widgets import AssistantMessage, PromptInput, UserMessage  # noqa: E402
 pytestmark = pytest.mark.anyio
 
 SOURCE = str(FIXTURES / "g9")
-CACHED = "hf:owner/name"  # its shallowest checkpoint, d12, is the g1 fixture (another tokenizer than g9's)
+CACHED = "hf:owner/name"  # of its checkpoints d12 and d20 it runs d20, the g2 fixture (another tokenizer than g9's)
 PARAMS = nc.SamplingParams(temperature=0.0, max_tokens=12)
 
 
@@ -143,7 +143,7 @@ async def test_switching_mid_chat_keeps_the_transcript_and_the_next_reply_comes_
         await send(pilot, chat, "and now?")
         assert chat.session.turns[-1].reply == expected
         assert chat.query(AssistantMessage).last().text == expected
-        assert chat.conversation.source.startswith(CACHED) and chat.conversation.generation == "g1"
+        assert chat.conversation.source.startswith(CACHED) and chat.conversation.generation == "g2"
 
 
 async def test_the_model_switched_to_is_remembered_for_the_next_run():
