@@ -65,12 +65,12 @@ def resolve(source: str, step: int | None = None, *, progress: Progress | None =
         return _resolve_base_dir(source[len("nanochat:") :], step)
     path = Path(source).expanduser()
     if path.is_dir():
-        return _resolve_dir(path, step, origin=source)
+        return resolve_folder(path, step, origin=source)
     if os.path.lexists(path):
         m = _MODEL.match(path.name)
         if not m:
             raise CheckpointError(f"{source}: expected a folder or a model_<step>.pt / model.pt file")
-        return _resolve_dir(path.parent, int(m.group(1)) if m.group(1) else None, origin=source, model=path.name)
+        return resolve_folder(path.parent, int(m.group(1)) if m.group(1) else None, origin=source, model=path.name)
     raise NanochatError(f"{source}: no such file or folder (sources: a folder, hf:owner/name, nanochat:sft)")
 
 
@@ -271,7 +271,7 @@ def _walk(top: Path, model: str | None) -> list[str]:
     return out
 
 
-def _resolve_dir(path: Path, step: int | None, origin: str, model: str | None = None) -> CheckpointFiles:
+def resolve_folder(path: Path, step: int | None, origin: str, model: str | None = None) -> CheckpointFiles:
     root, subdir, names = list_folder(path, model)
     selection = select_checkpoint(names, origin, subdir, step, model)
     if selection is None:
@@ -333,7 +333,7 @@ def _resolve_base_dir(spec: str, step: int | None) -> CheckpointFiles:
     folder = phase_dir / tag
     if not folder.is_dir():
         raise CheckpointError(f"nanochat:{spec}: no model tag {tag!r} in {phase_dir}")
-    return _resolve_dir(folder, step, origin=f"nanochat:{spec}")
+    return resolve_folder(folder, step, origin=f"nanochat:{spec}")
 
 
 def base_dir_source(spec: str) -> str:
@@ -367,13 +367,13 @@ def _resolve_hub(spec: str, step: int | None, progress: Progress | None) -> Chec
 
     repo_id, subdir, revision = parse_hub_spec(spec)
     folder = download(repo_id, subdir=subdir, revision=revision, step=step, progress=progress)
-    return _resolve_dir(folder, step, origin=f"hf:{spec}")
+    return resolve_folder(folder, step, origin=f"hf:{spec}")
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str, str | None]:
     """``owner/name[/subdir][@revision]`` -> (repo_id, subdir, revision)."""
-    spec, _, revision = spec.partition("@")
+    spec, at, revision = spec.partition("@")
     parts = [p for p in spec.split("/") if p]
-    if len(parts) < 2:
-        raise NanochatError(f"hf:{spec}: expected hf:owner/name[/subdir][@revision]")
+    if len(parts) < 2 or (at and not revision.strip()):
+        raise NanochatError(f"hf:{spec}{at}{revision}: expected hf:owner/name[/subdir][@revision]")
     return "/".join(parts[:2]), "/".join(parts[2:]), revision or None

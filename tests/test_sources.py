@@ -259,6 +259,13 @@ def test_hub_spec_parsing() -> None:
     assert parse_hub_spec("owner/name/d20@v1") == ("owner/name", "d20", "v1")
     with pytest.raises(NanochatError):
         parse_hub_spec("justname")
+    with pytest.raises(NanochatError, match=r"^hf:owner/name@: expected"):
+        parse_hub_spec("owner/name@")  # an empty revision is a typo, not the default branch
+
+
+def test_a_demo_step_that_does_not_exist_is_named_demo_not_its_install_path() -> None:
+    with pytest.raises(NanochatError, match=r"^demo: no checkpoint for step 3 in the folder \(steps present: \d+\)$"):
+        resolve("demo", step=3)
 
 
 # --- hub.select_files -----------------------------------------------------------------------

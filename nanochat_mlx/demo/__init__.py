@@ -7,7 +7,6 @@ so that the CLI, TUI and server chat at once, offline. Its quality figures trave
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,11 @@ REAL_MODEL_HINT = "for a real model: nanochat-mlx models, or --source hf:karpath
 
 def demo_files(step: int | None = None):
     """The demo checkpoint's files, named ``demo`` in messages."""
-    from ..sources import resolve
+    from ..sources import resolve_folder
 
     if not MODEL_DIR.is_dir():
         raise CheckpointError(f"demo: the built-in model is missing from {MODEL_DIR} (a broken install?)")
-    return dataclasses.replace(resolve(str(MODEL_DIR), step), origin=SOURCE)
+    return resolve_folder(MODEL_DIR, step, origin=SOURCE)
 
 
 def demo_meta() -> dict[str, Any]:
