@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import ArchSpec, ModelConfig, get_spec
 from .errors import CheckpointError
-from .fileio import read_json, shown
+from .fileio import as_json, read_json, shown
 from .sources import CheckpointFiles, resolve
 from .tokenizer import Tokenizer
 from .weights import Detection, Weights, canonicalize, detect_generation, read_tensors, validate
@@ -159,14 +159,16 @@ def _model_config(
     for key in GEOMETRY_KEYS:
         value = values.get(key)
         if type(value) is not int or value < 1:
-            raise CheckpointError(f"{path}: {label(key)} must be a positive integer, found {shown(value)}")
+            raise CheckpointError(f"{path}: {label(key)} must be a positive integer, found {shown(as_json(value))}")
     if values["sequence_len"] > MAX_SEQUENCE_LEN:
         raise CheckpointError(
             f"{path}: {label('sequence_len')} {values['sequence_len']} is above the limit of {MAX_SEQUENCE_LEN}"
         )
     pattern = values.get("window_pattern", "L")
     if not isinstance(pattern, str) or len(pattern) > MAX_WINDOW_PATTERN:
-        raise CheckpointError(f"{path}: {label('window_pattern')} must be a string of S and L, not {shown(pattern)}")
+        raise CheckpointError(
+            f"{path}: {label('window_pattern')} must be a string of S and L, not {shown(as_json(pattern))}"
+        )
     padded = _padded_rows(weights, path)
     try:
         return ModelConfig(

@@ -72,6 +72,11 @@ def shown(text: object, limit: int = 80) -> str:
     return ascii(text[:limit]) + ("..." if len(text) > limit else "")
 
 
+def as_json(value: object) -> str:
+    """A value from a file spelled as JSON spells it: a string "64" is not the number 64."""
+    return json.dumps(value, default=str)
+
+
 def one_line(text: str, limit: int = 200) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
