@@ -730,3 +730,29 @@ async def test_a_message_too_long_for_the_context_is_refused_and_stays_in_the_pr
         assert chat.session.turns == [] and not chat.generating
         assert chat.query_one(PromptInput).text == text
     assert not (data_home / "conversations").exists()
+
+
+# --- the QA pass's items ------------------------------------------------------------------------
+
+
+def shown_text(widget) -> str:
+    """What a Static shows, as plain text (Rich markup in it rendered as the screen renders it)."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=160, file=io.StringIO(), record=True)
+    console.print(widget.content)
+    return console.export_text()
+
+
+async def test_help_lists_only_new_line_keys_the_terminal_tells_from_enter(data_home):
+    """QA 1: xterm sends Alt+Enter as ESC CR, which arrives as Enter (it sends): the help doesn't offer it."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("f1")
+        await pilot.pause()
+        keys = shown_text(app.screen.query_one("#help-keys"))
+        assert "Shift+Enter / Ctrl+J " in keys
+        assert "Alt+Enter" not in keys

@@ -184,7 +184,7 @@ class NanochatApp(App[int]):
         """Every key the app answers to, with what it does."""
         rows = [
             ("Enter", "Send the message (or run a /command)"),
-            (key_label(",".join(NEWLINE_KEYS)), "New line in the message"),
+            (key_label(",".join(NEWLINE_KEYS)), "New line in the message (Ctrl+J works in every terminal)"),
             ("↑ / ↓", "Earlier / later messages you sent (on the first / last line of the prompt)"),
         ]
         for binding in ChatScreen.BINDINGS:
