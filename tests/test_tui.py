@@ -756,3 +756,22 @@ async def test_help_lists_only_new_line_keys_the_terminal_tells_from_enter(data_
         keys = shown_text(app.screen.query_one("#help-keys"))
         assert "Shift+Enter / Ctrl+J " in keys
         assert "Alt+Enter" not in keys
+
+
+async def test_a_paste_while_the_transcript_has_focus_goes_to_the_prompt(data_home):
+    """QA 2: as typed keys do; a paste into the prompt itself arrives once."""
+    from textual import events
+
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        await send(pilot, "hello")
+        prompt = chat.query_one(PromptInput)
+        await pilot.press("tab")
+        assert not prompt.has_focus
+        app.post_message(events.Paste("pasted\ntext"))  # as the terminal's bracketed paste arrives
+        await pilot.pause()
+        assert prompt.text == "pasted\ntext" and prompt.has_focus
+        app.post_message(events.Paste(" again"))
+        await pilot.pause()
+        assert prompt.text == "pasted\ntext again"

@@ -163,6 +163,15 @@ class ChatScreen(Screen):
             prompt.focus()
             prompt.insert(event.character)
 
+    def on_paste(self, event: events.Paste) -> None:
+        """A paste that reached the screen (the transcript had focus): it goes to the prompt, as typing does."""
+        # A paste into the prompt bubbles up here too, already inserted: only take those nobody took.
+        if not isinstance(self.focused, (Input, TextArea)):
+            event.stop()
+            prompt = self.query_one(PromptInput)
+            prompt.focus()
+            prompt.insert(event.text)
+
     def on_text_area_changed(self, event: TextArea.Changed) -> None:
         if not isinstance(event.text_area, PromptInput):
             return
