@@ -775,3 +775,22 @@ async def test_a_paste_while_the_transcript_has_focus_goes_to_the_prompt(data_ho
         app.post_message(events.Paste(" again"))
         await pilot.pause()
         assert prompt.text == "pasted\ntext again"
+
+
+async def test_opening_a_chat_says_when_its_settings_replace_the_current_ones(data_home):
+    """QA 3: the chat keeps its settings; the notice names those that differ from what was set."""
+    app = make_app()  # temperature 0, top-k 50, max tokens 24, as if given on the command line
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        await send(pilot, "/temp 0.9")
+        await send(pilot, "/topk 7")
+        await send(pilot, "remember these settings")
+        await send(pilot, "/save tuned")
+        await send(pilot, "/clear")
+        await send(pilot, "/temp 0")
+        await send(pilot, "/load tuned")
+        assert notices(app, "Opened") == ["Opened “tuned” with its settings: temperature 0.9"]  # top-k is 7 already
+        assert (chat.session.params.temperature, chat.session.params.top_k) == (0.9, 7)
+        await send(pilot, "/clear")
+        await send(pilot, "/load tuned")  # the same settings as now: nothing to say about them
+        assert notices(app, "Opened “tuned”")[-1] == "Opened “tuned”"

@@ -31,7 +31,7 @@ from ..reply import to_markdown
 from ..storage import Conversation, ConversationStore, atomic_write_text, slug
 from ..widgets import AssistantMessage, PromptInput, StatusBar, UserMessage
 from .conversations import ConversationsScreen
-from .settings import Settings, SettingsScreen
+from .settings import Settings, SettingsScreen, differences
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -447,11 +447,16 @@ class ChatScreen(Screen):
         self.session.clear()
         self.session.load_turns(conv.turns)
         self.session.set_system(conv.system)
-        self.session.params = conv.sampling(self.default_params)
+        before, self.session.params = self.session.params, conv.sampling(self.default_params)
         self.conversation = conv
         await self.render_transcript()
         if announce:
-            self.notify(f"Opened “{conv.display_title}”", timeout=2)
+            # The chat's settings belong to it, but they replace what the user set (-t, /temp...): say so.
+            changed = differences(before, self.session.params)
+            if changed:
+                self.notify(f"Opened “{conv.display_title}” with its settings: {changed}", timeout=6)
+            else:
+                self.notify(f"Opened “{conv.display_title}”", timeout=2)
 
     # --- commands ------------------------------------------------------------------------------
     async def run_command(self, name: str, arg: str) -> None:

@@ -20,6 +20,30 @@ class Settings:
     system: str | None
 
 
+# How each sampling setting is named and shown, in the order the dialog lists them.
+_LABELS = {
+    "temperature": "temperature",
+    "top_k": "top-k",
+    "top_p": "top-p",
+    "min_p": "min-p",
+    "repetition_penalty": "repetition penalty",
+    "max_tokens": "max tokens",
+    "seed": "seed",
+}
+_UNSET = {"top_k": "off", "max_tokens": "up to the context", "seed": "random"}
+
+
+def differences(old: SamplingParams, new: SamplingParams) -> str:
+    """``"temperature 0.9, top-k 7"``: the settings of ``new`` that differ from ``old`` ("" when none do)."""
+    changed = []
+    for name, label in _LABELS.items():
+        value = getattr(new, name)
+        if value != getattr(old, name):
+            shown = _UNSET[name] if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+            changed.append(f"{label} {shown}")
+    return ", ".join(changed)
+
+
 def _optional_int(text: str) -> int | None:
     text = text.strip().lower()
     return None if text in ("", "none", "off") else int(text)
