@@ -794,3 +794,20 @@ async def test_opening_a_chat_says_when_its_settings_replace_the_current_ones(da
         await send(pilot, "/clear")
         await send(pilot, "/load tuned")  # the same settings as now: nothing to say about them
         assert notices(app, "Opened “tuned”")[-1] == "Opened “tuned”"
+
+
+async def test_new_chat_and_regenerate_keys_while_a_reply_streams_say_why_they_wait(data_home, slow_engine):
+    """QA 4: Ctrl+N and Ctrl+R warn as /regen and Enter do, and change nothing."""
+    app = make_app(max_tokens=300)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        chat.query_one(PromptInput).load_text("Tell me a story")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(last_reply(chat).text) > 0)
+        conv_id = chat.conversation.id
+        await pilot.press("ctrl+n")
+        await pilot.press("ctrl+r")
+        assert len(notices(app, "A reply is still streaming: press Esc to stop it first")) == 2
+        assert chat.generating and chat.conversation.id == conv_id and len(chat.query(AssistantMessage)) == 1
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not chat.generating, timeout=5)

@@ -131,8 +131,7 @@ class NanochatApp(App[int]):
         if chat is None:  # no model yet (the error screen): a plain load
             self.load(source)
             return
-        if chat.generating:
-            self.notify("A reply is still streaming: press Esc to stop it first", severity="warning", timeout=3)
+        if chat.still_streaming():
             return
         options = self.options.with_source(source)
         screen = LoadingScreen(source, options.backend, cancellable=True)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 FLUSH_INTERVAL_S = 1 / 30  # at most this often the model thread sends text to the UI
 # Commands that change the conversation and so must wait for the reply in progress.
 _EDITS = {"clear", "regen", "undo", "system", "load", "model"}
+STILL_STREAMING = "A reply is still streaming: press Esc to stop it first"
 CONTEXT_START = "▲ the model no longer sees the turns above (they stay in the saved chat)"
 
 
@@ -150,9 +151,7 @@ class ChatScreen(Screen):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "stop":
             return self.generating  # Ctrl+C copies (the prompt's or the screen's selection) otherwise
-        if action in ("regenerate", "new_chat"):
-            return None if self.generating else True
-        return True
+        return True  # Ctrl+N / Ctrl+R while a reply streams run, to say why they can't (a disabled key is silent)
 
     # --- input ---------------------------------------------------------------------------------
     def on_key(self, event: events.Key) -> None:
@@ -188,8 +187,7 @@ class ChatScreen(Screen):
     async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
         text = event.text
         command = parse(text)
-        if self.generating and (command is None or command[0] in _EDITS):
-            self.notify("A reply is still streaming: press Esc to stop it first", severity="warning", timeout=3)
+        if (command is None or command[0] in _EDITS) and self.still_streaming():
             return
         if command is not None:
             event.prompt.clear()
@@ -337,8 +335,14 @@ class ChatScreen(Screen):
             self.save(stopping=True)
 
     # --- conversation edits ----------------------------------------------------------------------
-    async def action_new_chat(self) -> None:
+    def still_streaming(self) -> bool:
+        """True, with a warning, while a reply streams: what changes the conversation waits for it."""
         if self.generating:
+            self.notify(STILL_STREAMING, severity="warning", timeout=3)
+        return self.generating
+
+    async def action_new_chat(self) -> None:
+        if self.still_streaming():
             return
         self.session.clear()
         self.conversation = self._new_conversation()
@@ -346,7 +350,7 @@ class ChatScreen(Screen):
         self.notify("New chat", timeout=2)
 
     async def action_regenerate(self) -> None:
-        if self.generating:
+        if self.still_streaming():
             return
         if not self.session.turns:
             self.notify("Nothing to regenerate yet", severity="warning", timeout=3)
@@ -593,8 +597,7 @@ class ChatScreen(Screen):
         async def open_id(conv_id: str | None) -> None:
             if conv_id is None or conv_id == self.conversation.id:
                 return
-            if self.generating:
-                self.notify("A reply is still streaming: press Esc to stop it first", severity="warning")
+            if self.still_streaming():
                 return
             try:
                 conv = self.store.load(conv_id)
