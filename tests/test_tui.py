@@ -811,3 +811,21 @@ async def test_new_chat_and_regenerate_keys_while_a_reply_streams_say_why_they_w
         assert chat.generating and chat.conversation.id == conv_id and len(chat.query(AssistantMessage)) == 1
         await pilot.press("escape")
         await wait_for(pilot, lambda: not chat.generating, timeout=5)
+
+
+async def test_the_palettes_screenshot_is_saved_in_the_data_dir_and_the_notice_names_it(data_home):
+    """QA 5: Textual's default folder (~/Downloads) may not exist; screenshots/ in the data dir is made."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Screenshot")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        folder = data_home / "screenshots"
+        await wait_for(pilot, lambda: notices(app, "screenshot"), timeout=10)
+        [svg] = list(folder.glob("*.svg"))
+        assert "<svg" in svg.read_text()
+        [notice] = notices(app, "screenshot")
+        assert notice.startswith("Saved screenshot to") and str(svg) in notice

@@ -22,7 +22,7 @@ from nanochat_mlx.userconfig import remember_source
 from .clipboard import copy_to_system
 from .loader import ModelThread, describe_error, format_traceback, on_daemon_thread, read_for_switch
 from .screens import ChatScreen, ErrorScreen, HelpScreen, LoadingScreen, ModelsScreen
-from .storage import ConversationStore
+from .storage import ConversationStore, data_dir
 from .widgets.prompt import NEWLINE_KEYS
 
 
@@ -230,6 +230,21 @@ class NanochatApp(App[int]):
                 "(pbcopy, wl-copy, xclip, xsel): if nothing arrives, /export PATH writes the chat to a file",
                 timeout=8,
             )
+
+    def deliver_screenshot(
+        self, filename: str | None = None, path: str | None = None, time_format: str | None = None
+    ) -> str | None:
+        """The palette's "Screenshot": an SVG in the user data dir's ``screenshots/`` (Textual's default,
+        ~/Downloads, often doesn't exist); the notice names the file."""
+        if path is None:
+            folder = data_dir() / "screenshots"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                self.notify(f"couldn't make {folder}: {e.strerror or e}", title="Screenshot", severity="error")
+                return None
+            path = str(folder)
+        return super().deliver_screenshot(filename, path, time_format)
 
     def on_unmount(self) -> None:
         self.model_thread.shutdown()
