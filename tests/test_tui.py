@@ -829,3 +829,30 @@ async def test_the_palettes_screenshot_is_saved_in_the_data_dir_and_the_notice_n
         assert "<svg" in svg.read_text()
         [notice] = notices(app, "screenshot")
         assert notice.startswith("Saved screenshot to") and str(svg) in notice
+
+
+async def settings_error(pilot, **fields: str) -> str:
+    """Open F2, type ``fields`` (``top_k="abc"``), press Ctrl+S; the dialog's error line."""
+    await pilot.press("f2")
+    await pilot.pause()
+    dialog = pilot.app.screen
+    for name, text in fields.items():
+        dialog.query_one(f"#set-{name.replace('_', '-')}").value = text
+    await pilot.press("ctrl+s")
+    await pilot.pause()
+    assert pilot.app.screen is dialog  # a bad value keeps the dialog open
+    return str(dialog.query_one("#settings-error").render())
+
+
+async def test_a_bad_settings_value_is_named_by_its_field_in_plain_words(data_home):
+    """QA 6: no Python error text; the cursor goes to the field."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        assert await settings_error(pilot, temperature="") == "Temperature: enter a number"
+        assert app.screen.query_one("#set-temperature").has_focus
+        await pilot.press("escape")
+        assert await settings_error(pilot, top_k="abc") == "Top-k: enter a whole number (0 = off)"
+        assert app.screen.query_one("#set-top-k").has_focus
+        await pilot.press("escape")
+        assert chat.session.params.temperature == 0.0 and chat.session.params.top_k == 50
