@@ -856,3 +856,14 @@ async def test_a_bad_settings_value_is_named_by_its_field_in_plain_words(data_ho
         assert app.screen.query_one("#set-top-k").has_focus
         await pilot.press("escape")
         assert chat.session.params.temperature == 0.0 and chat.session.params.top_k == 50
+
+
+async def test_max_tokens_below_1_is_refused_in_the_settings(data_home):
+    """QA 7: 0 would give an empty reply every time."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        assert await settings_error(pilot, max_tokens="0") == "Max tokens: enter 1 or more (empty = up to the context)"
+        assert app.screen.query_one("#set-max-tokens").has_focus
+        await pilot.press("escape")
+        assert chat.session.params.max_tokens == MAX_TOKENS

@@ -119,6 +119,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
         top_k = _whole("top-k", "Top-k", value("top-k"), "(0 = off)")
         top_p = _number("top-p", "Top-p", value("top-p"))
         max_tokens = _whole("max-tokens", "Max tokens", value("max-tokens"), MAX_TOKENS_HINT)
+        if max_tokens is not None and max_tokens < 1:  # 0 would give an empty reply every time
+            raise FieldError("max-tokens", f"Max tokens: enter 1 or more {MAX_TOKENS_HINT}")
         seed = _whole("seed", "Seed", value("seed"), "(empty = random)")
         params = self.params.with_(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed)
         system = self.query_one("#set-system", TextArea).text.strip() or None
