@@ -867,3 +867,26 @@ async def test_max_tokens_below_1_is_refused_in_the_settings(data_home):
         assert app.screen.query_one("#set-max-tokens").has_focus
         await pilot.press("escape")
         assert chat.session.params.max_tokens == MAX_TOKENS
+
+
+async def test_copy_with_an_unknown_argument_is_an_error_and_copies_nothing(data_home):
+    """QA 8: /copy foo used to copy the last reply."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "hello")
+        await send(pilot, "/copy foo")
+        assert notices(app, "unknown /copy argument 'foo' (try /copy or /copy code)")
+        assert not app.clipboard and not notices(app, "copied")
+
+
+async def test_a_command_that_takes_no_argument_refuses_one(data_home):
+    """QA 8: /clear all, /undo 2...: said so, and nothing done (the words may have meant something)."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        await send(pilot, "hello")
+        await send(pilot, "/undo 2")
+        await send(pilot, "/clear all")
+        assert notices(app, "/undo takes no argument (got '2')") and notices(app, "/clear takes no argument")
+        assert len(chat.session.turns) == 1

@@ -468,6 +468,9 @@ class ChatScreen(Screen):
         if name not in BY_NAME:
             self.notify(f"unknown command /{name} (try /help)", severity="error", timeout=4)
             return
+        if arg and not BY_NAME[name].args:  # "/clear all" might mean something else: do nothing
+            self.notify(f"/{name} takes no argument (got {arg!r})", severity="error", timeout=4)
+            return
         try:
             await getattr(self, f"_cmd_{name}")(arg)
         except NanochatError as e:
@@ -551,6 +554,8 @@ class ChatScreen(Screen):
     async def _cmd_copy(self, arg: str) -> None:
         if arg.lower() == "code":
             self.action_copy_code()
+        elif arg:
+            raise NanochatError(f"unknown /copy argument {arg!r} (try /copy or /copy code)")
         else:
             self.action_copy_reply()
 
