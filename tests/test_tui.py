@@ -890,3 +890,23 @@ async def test_a_command_that_takes_no_argument_refuses_one(data_home):
         await send(pilot, "/clear all")
         assert notices(app, "/undo takes no argument (got '2')") and notices(app, "/clear takes no argument")
         assert len(chat.session.turns) == 1
+
+
+async def test_load_with_a_name_several_chats_match_lists_them_to_pick_from(data_home):
+    """QA 9: /load PREFIX opened the most recent match; now the list opens with only the matches."""
+    store = storage.ConversationStore(data_home / "conversations")
+    for conv_id, title in (("a", "weather today"), ("b", "weather tomorrow"), ("c", "sums")):
+        store.save(storage.Conversation(id=conv_id, title=title, turns=[Turn(title, [{"type": "text", "text": "ok"}])]))
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        await send(pilot, "/load weather")
+        assert notices(app, "2 saved chats match 'weather': pick one")
+        assert isinstance(app.screen, ConversationsScreen) and not chat.session.turns
+        table = app.screen.query_one("#conversations-table")
+        assert table.row_count == 2
+        await pilot.press("down", "enter")  # the older one
+        await wait_for(pilot, lambda: app.screen is chat and len(chat.session.turns) == 1)
+        assert chat.conversation.title == "weather today"
+        await send(pilot, "/load sum")  # one match: opened at once
+        assert chat.conversation.title == "sums"

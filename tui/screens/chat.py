@@ -521,10 +521,14 @@ class ChatScreen(Screen):
         if not arg:
             self.action_conversations()
             return
-        conv = self.store.find(arg)
-        if conv is None:
+        found = self.store.matches(arg)
+        if not found:
             raise NanochatError(f"no saved conversation called {arg!r} (/load alone lists them)")
-        await self.open_conversation(conv)
+        if len(found) > 1:  # opening the most recent could be the wrong one: let the user pick
+            self.notify(f"{len(found)} saved chats match {arg!r}: pick one", timeout=5)
+            self.action_conversations(match=arg)
+            return
+        await self.open_conversation(found[0])
 
     async def _cmd_export(self, arg: str) -> None:
         """``/export [PATH]``: the chat as Markdown in PATH (a file, or a folder), else the current folder."""
@@ -598,7 +602,7 @@ class ChatScreen(Screen):
 
         self.app.push_screen(SettingsScreen(self.session.params, self.session.system_prompt), apply)
 
-    def action_conversations(self) -> None:
+    def action_conversations(self, match: str | None = None) -> None:
         async def open_id(conv_id: str | None) -> None:
             if conv_id is None or conv_id == self.conversation.id:
                 return
@@ -611,4 +615,4 @@ class ChatScreen(Screen):
                 return
             await self.open_conversation(conv)
 
-        self.app.push_screen(ConversationsScreen(self.store, current=self.conversation.id), open_id)
+        self.app.push_screen(ConversationsScreen(self.store, current=self.conversation.id, match=match), open_id)

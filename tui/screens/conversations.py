@@ -22,24 +22,29 @@ def _when(ts: float) -> str:
 
 
 class ConversationsScreen(ModalScreen[str | None]):
-    """Pick a saved chat; dismisses with its id. Unreadable files are listed, never opened or deleted."""
+    """Pick a saved chat; dismisses with its id. Unreadable files are listed, never opened or deleted.
+
+    With ``match``, only the chats that name picks (``/load NAME`` when several do).
+    """
 
     BINDINGS = [
         Binding("escape", "close", "Close"),
         Binding("delete", "delete", "Delete"),
     ]
 
-    def __init__(self, store: ConversationStore, current: str | None = None) -> None:
+    def __init__(self, store: ConversationStore, current: str | None = None, match: str | None = None) -> None:
         super().__init__()
         self.store = store
         self.current = current
+        self.match = match
         self.unreadable: dict[str, Unreadable] = {}
         self.titles: dict[str, str] = {}
         self.armed: str | None = None  # the row a first Delete asked about
 
     def compose(self) -> ComposeResult:
         with Vertical(id="conversations-card", classes="dialog"):
-            yield Label("Conversations", classes="dialog-title")
+            title = f"Conversations matching “{self.match}”" if self.match else "Conversations"
+            yield Label(Text(title), classes="dialog-title")
             yield DataTable(id="conversations-table", cursor_type="row", zebra_stripes=True)
             yield Label(HINT, id="conversations-hint", classes="dialog-hint")
 
@@ -53,6 +58,9 @@ class ConversationsScreen(ModalScreen[str | None]):
         table = self.query_one(DataTable)
         table.clear()
         convs, bad = self.store.scan()
+        if self.match:
+            picked = {conv.id for conv in self.store.matches(self.match)}
+            convs, bad = [conv for conv in convs if conv.id in picked], []
         self.titles = {conv.id: conv.display_title for conv in convs}
         for conv in convs:
             title = Text(conv.display_title, style="bold" if conv.id == self.current else "")
