@@ -910,3 +910,16 @@ async def test_load_with_a_name_several_chats_match_lists_them_to_pick_from(data
         assert chat.conversation.title == "weather today"
         await send(pilot, "/load sum")  # one match: opened at once
         assert chat.conversation.title == "sums"
+
+
+async def test_temp_and_topk_alone_show_the_current_value(data_home):
+    """QA 10: they said "/temp needs a number, got ''"."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "/temp")
+        await send(pilot, "/topk off")
+        await send(pilot, "/topk")
+        assert notices(app, "temperature is 0; /temp X sets it")
+        assert notices(app, "top-k is off; /topk K sets it (0 or off: no limit)")
+        assert not notices(app, "needs a")

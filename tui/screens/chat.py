@@ -493,6 +493,9 @@ class ChatScreen(Screen):
             self.save()
 
     async def _cmd_temp(self, arg: str) -> None:
+        if not arg:
+            self.notify(f"temperature is {self.session.params.temperature:g}; /temp X sets it", timeout=4)
+            return
         try:
             value = float(arg)
         except ValueError:
@@ -501,6 +504,12 @@ class ChatScreen(Screen):
         self.notify(f"temperature {value:g}" + (" (greedy)" if value == 0 else ""), timeout=2)
 
     async def _cmd_topk(self, arg: str) -> None:
+        if not arg:
+            top_k = self.session.params.top_k
+            self.notify(
+                f"top-k is {'off' if top_k is None else top_k}; /topk K sets it (0 or off: no limit)", timeout=4
+            )
+            return
         if arg.lower() in ("off", "none", "0"):
             value = None
         else:
