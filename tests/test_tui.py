@@ -923,3 +923,17 @@ async def test_temp_and_topk_alone_show_the_current_value(data_home):
         assert notices(app, "temperature is 0; /temp X sets it")
         assert notices(app, "top-k is off; /topk K sets it (0 or off: no limit)")
         assert not notices(app, "needs a")
+
+
+async def test_the_notice_for_one_turn_out_of_the_context_says_it_in_the_singular(data_home):
+    """QA 10: it said "the first 1 turn (they stay...)"."""
+    long = "please tell me all about the weather in the mountains today " * 9  # two of them overflow 640 tokens
+    turns = [Turn(long, [{"type": "text", "text": "ok"}]) for _ in range(2)]
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        await chat.open_conversation(storage.Conversation(source=SOURCE, generation="g9", turns=turns))
+        await send(pilot, "and now?")
+        assert chat.session.context_start == 1
+        [notice] = notices(app, "no longer sees")
+        assert notice.endswith("it no longer sees the first turn (it stays in the transcript)")
