@@ -937,3 +937,15 @@ async def test_the_notice_for_one_turn_out_of_the_context_says_it_in_the_singula
         assert chat.session.context_start == 1
         [notice] = notices(app, "no longer sees")
         assert notice.endswith("it no longer sees the first turn (it stays in the transcript)")
+
+
+async def test_help_shows_the_commands_arguments_in_brackets(data_home):
+    """QA 10: "/save [name]" showed as "/save" (Rich read "[name]" as markup)."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("f1")
+        await pilot.pause()
+        commands = shown_text(app.screen.query_one("#help-commands"))
+        for usage in ("/save [name]", "/load [name]", "/model [source]", "/export [path]", "/copy [code]"):
+            assert usage in commands
