@@ -949,3 +949,20 @@ async def test_help_shows_the_commands_arguments_in_brackets(data_home):
         commands = shown_text(app.screen.query_one("#help-commands"))
         for usage in ("/save [name]", "/load [name]", "/model [source]", "/export [path]", "/copy [code]"):
             assert usage in commands
+
+
+async def test_a_long_title_in_the_chat_list_is_cut_so_every_column_fits_80_columns(data_home):
+    """QA 11: the Model and Updated columns were pushed off-screen."""
+    store = storage.ConversationStore(data_home / "conversations")
+    title = "a chat about the weather in the mountains, the sea and everything in between " * 2
+    store.save(storage.Conversation(id="long", title=title, generation="g9", turns=[Turn("hi")]))
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        table = app.screen.query_one("#conversations-table")
+        await wait_for(pilot, lambda: table.virtual_size.width <= table.size.width, timeout=5)  # no sideways scroll
+        [(shown, turns, model, _)] = [table.get_row_at(0)]
+        assert shown.plain.endswith("…") and title.startswith(shown.plain[:-1])
+        assert (turns, model) == ("1", "g9")
