@@ -197,10 +197,10 @@ class ChatSession:
         while len(self.prompt_tokens(start)) + room > limit and start < len(self.turns) - 1:
             start += 1
         if start > self.context_start:
-            hidden = start
+            hidden = "the first turn (it stays" if start == 1 else f"the first {start} turns (they stay"
             notices.append(
                 f"the conversation outgrew the model's context ({limit} tokens): it no longer sees "
-                f"the first {hidden} turn{'s' if hidden > 1 else ''} (they stay in the transcript)"
+                f"{hidden} in the transcript)"
             )
         tokens = len(self.prompt_tokens(start))
         if tokens >= limit:

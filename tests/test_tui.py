@@ -730,3 +730,239 @@ async def test_a_message_too_long_for_the_context_is_refused_and_stays_in_the_pr
         assert chat.session.turns == [] and not chat.generating
         assert chat.query_one(PromptInput).text == text
     assert not (data_home / "conversations").exists()
+
+
+# --- the QA pass's items ------------------------------------------------------------------------
+
+
+def shown_text(widget) -> str:
+    """What a Static shows, as plain text (Rich markup in it rendered as the screen renders it)."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=160, file=io.StringIO(), record=True)
+    console.print(widget.content)
+    return console.export_text()
+
+
+async def test_help_lists_only_new_line_keys_the_terminal_tells_from_enter(data_home):
+    """QA 1: xterm sends Alt+Enter as ESC CR, which arrives as Enter (it sends): the help doesn't offer it."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("f1")
+        await pilot.pause()
+        keys = shown_text(app.screen.query_one("#help-keys"))
+        assert "Shift+Enter / Ctrl+J " in keys
+        assert "Alt+Enter" not in keys
+
+
+async def test_a_paste_while_the_transcript_has_focus_goes_to_the_prompt(data_home):
+    """QA 2: as typed keys do; a paste into the prompt itself arrives once."""
+    from textual import events
+
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        await send(pilot, "hello")
+        prompt = chat.query_one(PromptInput)
+        await pilot.press("tab")
+        assert not prompt.has_focus
+        app.post_message(events.Paste("pasted\ntext"))  # as the terminal's bracketed paste arrives
+        await pilot.pause()
+        assert prompt.text == "pasted\ntext" and prompt.has_focus
+        app.post_message(events.Paste(" again"))
+        await pilot.pause()
+        assert prompt.text == "pasted\ntext again"
+
+
+async def test_opening_a_chat_says_when_its_settings_replace_the_current_ones(data_home):
+    """QA 3: the chat keeps its settings; the notice names those that differ from what was set."""
+    app = make_app()  # temperature 0, top-k 50, max tokens 24, as if given on the command line
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        await send(pilot, "/temp 0.9")
+        await send(pilot, "/topk 7")
+        await send(pilot, "remember these settings")
+        await send(pilot, "/save tuned")
+        await send(pilot, "/clear")
+        await send(pilot, "/temp 0")
+        await send(pilot, "/load tuned")
+        assert notices(app, "Opened") == ["Opened “tuned” with its settings: temperature 0.9"]  # top-k is 7 already
+        assert (chat.session.params.temperature, chat.session.params.top_k) == (0.9, 7)
+        await send(pilot, "/clear")
+        await send(pilot, "/load tuned")  # the same settings as now: nothing to say about them
+        assert notices(app, "Opened “tuned”")[-1] == "Opened “tuned”"
+
+
+async def test_new_chat_and_regenerate_keys_while_a_reply_streams_say_why_they_wait(data_home, slow_engine):
+    """QA 4: Ctrl+N and Ctrl+R warn as /regen and Enter do, and change nothing."""
+    app = make_app(max_tokens=300)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        chat.query_one(PromptInput).load_text("Tell me a story")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(last_reply(chat).text) > 0)
+        conv_id = chat.conversation.id
+        await pilot.press("ctrl+n")
+        await pilot.press("ctrl+r")
+        assert len(notices(app, "A reply is still streaming: press Esc to stop it first")) == 2
+        assert chat.generating and chat.conversation.id == conv_id and len(chat.query(AssistantMessage)) == 1
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not chat.generating, timeout=5)
+
+
+async def test_the_palettes_screenshot_is_saved_in_the_data_dir_and_the_notice_names_it(data_home):
+    """QA 5: Textual's default folder (~/Downloads) may not exist; screenshots/ in the data dir is made."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Screenshot")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        folder = data_home / "screenshots"
+        await wait_for(pilot, lambda: notices(app, "screenshot"), timeout=10)
+        [svg] = list(folder.glob("*.svg"))
+        assert "<svg" in svg.read_text()
+        [notice] = notices(app, "screenshot")
+        assert notice.startswith("Saved screenshot to") and str(svg) in notice
+
+
+async def settings_error(pilot, **fields: str) -> str:
+    """Open F2, type ``fields`` (``top_k="abc"``), press Ctrl+S; the dialog's error line."""
+    await pilot.press("f2")
+    await pilot.pause()
+    dialog = pilot.app.screen
+    for name, text in fields.items():
+        dialog.query_one(f"#set-{name.replace('_', '-')}").value = text
+    await pilot.press("ctrl+s")
+    await pilot.pause()
+    assert pilot.app.screen is dialog  # a bad value keeps the dialog open
+    return str(dialog.query_one("#settings-error").render())
+
+
+async def test_a_bad_settings_value_is_named_by_its_field_in_plain_words(data_home):
+    """QA 6: no Python error text; the cursor goes to the field."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        assert await settings_error(pilot, temperature="") == "Temperature: enter a number"
+        assert app.screen.query_one("#set-temperature").has_focus
+        await pilot.press("escape")
+        assert await settings_error(pilot, top_k="abc") == "Top-k: enter a whole number (0 = off)"
+        assert app.screen.query_one("#set-top-k").has_focus
+        await pilot.press("escape")
+        assert chat.session.params.temperature == 0.0 and chat.session.params.top_k == 50
+
+
+async def test_max_tokens_below_1_is_refused_in_the_settings(data_home):
+    """QA 7: 0 would give an empty reply every time."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        assert await settings_error(pilot, max_tokens="0") == "Max tokens: enter 1 or more (empty = up to the context)"
+        assert app.screen.query_one("#set-max-tokens").has_focus
+        await pilot.press("escape")
+        assert chat.session.params.max_tokens == MAX_TOKENS
+
+
+async def test_copy_with_an_unknown_argument_is_an_error_and_copies_nothing(data_home):
+    """QA 8: /copy foo used to copy the last reply."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "hello")
+        await send(pilot, "/copy foo")
+        assert notices(app, "unknown /copy argument 'foo' (try /copy or /copy code)")
+        assert not app.clipboard and not notices(app, "copied")
+
+
+async def test_a_command_that_takes_no_argument_refuses_one(data_home):
+    """QA 8: /clear all, /undo 2...: said so, and nothing done (the words may have meant something)."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        await send(pilot, "hello")
+        await send(pilot, "/undo 2")
+        await send(pilot, "/clear all")
+        assert notices(app, "/undo takes no argument (got '2')") and notices(app, "/clear takes no argument")
+        assert len(chat.session.turns) == 1
+
+
+async def test_load_with_a_name_several_chats_match_lists_them_to_pick_from(data_home):
+    """QA 9: /load PREFIX opened the most recent match; now the list opens with only the matches."""
+    store = storage.ConversationStore(data_home / "conversations")
+    for conv_id, title in (("a", "weather today"), ("b", "weather tomorrow"), ("c", "sums")):
+        store.save(storage.Conversation(id=conv_id, title=title, turns=[Turn(title, [{"type": "text", "text": "ok"}])]))
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        await send(pilot, "/load weather")
+        assert notices(app, "2 saved chats match 'weather': pick one")
+        assert isinstance(app.screen, ConversationsScreen) and not chat.session.turns
+        table = app.screen.query_one("#conversations-table")
+        assert table.row_count == 2
+        await pilot.press("down", "enter")  # the older one
+        await wait_for(pilot, lambda: app.screen is chat and len(chat.session.turns) == 1)
+        assert chat.conversation.title == "weather today"
+        await send(pilot, "/load sum")  # one match: opened at once
+        assert chat.conversation.title == "sums"
+
+
+async def test_temp_and_topk_alone_show_the_current_value(data_home):
+    """QA 10: they said "/temp needs a number, got ''"."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "/temp")
+        await send(pilot, "/topk off")
+        await send(pilot, "/topk")
+        assert notices(app, "temperature is 0; /temp X sets it")
+        assert notices(app, "top-k is off; /topk K sets it (0 or off: no limit)")
+        assert not notices(app, "needs a")
+
+
+async def test_the_notice_for_one_turn_out_of_the_context_says_it_in_the_singular(data_home):
+    """QA 10: it said "the first 1 turn (they stay...)"."""
+    long = "please tell me all about the weather in the mountains today " * 9  # two of them overflow 640 tokens
+    turns = [Turn(long, [{"type": "text", "text": "ok"}]) for _ in range(2)]
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await ready(pilot)
+        await chat.open_conversation(storage.Conversation(source=SOURCE, generation="g9", turns=turns))
+        await send(pilot, "and now?")
+        assert chat.session.context_start == 1
+        [notice] = notices(app, "no longer sees")
+        assert notice.endswith("it no longer sees the first turn (it stays in the transcript)")
+
+
+async def test_help_shows_the_commands_arguments_in_brackets(data_home):
+    """QA 10: "/save [name]" showed as "/save" (Rich read "[name]" as markup)."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("f1")
+        await pilot.pause()
+        commands = shown_text(app.screen.query_one("#help-commands"))
+        for usage in ("/save [name]", "/load [name]", "/model [source]", "/export [path]", "/copy [code]"):
+            assert usage in commands
+
+
+async def test_a_long_title_in_the_chat_list_is_cut_so_every_column_fits_80_columns(data_home):
+    """QA 11: the Model and Updated columns were pushed off-screen."""
+    store = storage.ConversationStore(data_home / "conversations")
+    title = "a chat about the weather in the mountains, the sea and everything in between " * 2
+    store.save(storage.Conversation(id="long", title=title, generation="g9", turns=[Turn("hi")]))
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        table = app.screen.query_one("#conversations-table")
+        await wait_for(pilot, lambda: table.virtual_size.width <= table.size.width, timeout=5)  # no sideways scroll
+        [(shown, turns, model, _)] = [table.get_row_at(0)]
+        assert shown.plain.endswith("…") and title.startswith(shown.plain[:-1])
+        assert (turns, model) == ("1", "g9")

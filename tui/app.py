@@ -22,7 +22,7 @@ from nanochat_mlx.userconfig import remember_source
 from .clipboard import copy_to_system
 from .loader import ModelThread, describe_error, format_traceback, on_daemon_thread, read_for_switch
 from .screens import ChatScreen, ErrorScreen, HelpScreen, LoadingScreen, ModelsScreen
-from .storage import ConversationStore
+from .storage import ConversationStore, data_dir
 from .widgets.prompt import NEWLINE_KEYS
 
 
@@ -131,8 +131,7 @@ class NanochatApp(App[int]):
         if chat is None:  # no model yet (the error screen): a plain load
             self.load(source)
             return
-        if chat.generating:
-            self.notify("A reply is still streaming: press Esc to stop it first", severity="warning", timeout=3)
+        if chat.still_streaming():
             return
         options = self.options.with_source(source)
         screen = LoadingScreen(source, options.backend, cancellable=True)
@@ -184,7 +183,7 @@ class NanochatApp(App[int]):
         """Every key the app answers to, with what it does."""
         rows = [
             ("Enter", "Send the message (or run a /command)"),
-            (key_label(",".join(NEWLINE_KEYS)), "New line in the message"),
+            (key_label(",".join(NEWLINE_KEYS)), "New line in the message (Ctrl+J works in every terminal)"),
             ("↑ / ↓", "Earlier / later messages you sent (on the first / last line of the prompt)"),
         ]
         for binding in ChatScreen.BINDINGS:
@@ -231,6 +230,21 @@ class NanochatApp(App[int]):
                 "(pbcopy, wl-copy, xclip, xsel): if nothing arrives, /export PATH writes the chat to a file",
                 timeout=8,
             )
+
+    def deliver_screenshot(
+        self, filename: str | None = None, path: str | None = None, time_format: str | None = None
+    ) -> str | None:
+        """The palette's "Screenshot": an SVG in the user data dir's ``screenshots/`` (Textual's default,
+        ~/Downloads, often doesn't exist); the notice names the file."""
+        if path is None:
+            folder = data_dir() / "screenshots"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                self.notify(f"couldn't make {folder}: {e.strerror or e}", title="Screenshot", severity="error")
+                return None
+            path = str(folder)
+        return super().deliver_screenshot(filename, path, time_format)
 
     def on_unmount(self) -> None:
         self.model_thread.shutdown()

@@ -22,7 +22,7 @@ COMMANDS = (
     SlashCommand("save", "[name]", "save the chat, optionally under a name"),
     SlashCommand("load", "[name]", "reopen a saved chat (no name: pick from the list)"),
     SlashCommand("model", "[source]", "switch model, keeping the chat (no source: pick from the list)"),
-    SlashCommand("export", "", "write the chat as Markdown"),
+    SlashCommand("export", "[path]", "write the chat as Markdown (to a file or folder; else here)"),
     SlashCommand("copy", "[code]", "copy the last reply (or its last code block)"),
     SlashCommand("settings", "", "open the settings"),
     SlashCommand("help", "", "show keys and commands"),

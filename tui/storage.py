@@ -213,15 +213,25 @@ class ConversationStore:
         return self.scan()[0]
 
     def find(self, name: str) -> Conversation | None:
-        """The conversation whose id or title is ``name`` (or, failing that, starts with it)."""
+        """The most recent of :meth:`matches`; None when nothing matches."""
+        found = self.matches(name)
+        return found[0] if found else None
+
+    def matches(self, name: str) -> list[Conversation]:
+        """The conversations ``name`` picks, most recent first: the one with that id, else those with that
+        title, else those whose id or title starts with it."""
         name = name.strip().lower()
         convs = self.list()
-        for exact in (True, False):
-            for conv in convs:
-                keys = (conv.id.lower(), conv.title.lower(), conv.display_title.lower())
-                if any(k == name if exact else k.startswith(name) for k in keys if k):
-                    return conv
-        return None
+        tiers = (
+            lambda keys: keys[0] == name,
+            lambda keys: name in keys[1:],
+            lambda keys: any(k.startswith(name) for k in keys if k),
+        )
+        for picks in tiers:
+            found = [c for c in convs if picks((c.id.lower(), c.title.lower(), c.display_title.lower()))]
+            if found:
+                return found
+        return []
 
     @staticmethod
     def _read(path: Path) -> Conversation:

@@ -31,7 +31,7 @@ from ..reply import to_markdown
 from ..storage import Conversation, ConversationStore, atomic_write_text, slug
 from ..widgets import AssistantMessage, PromptInput, StatusBar, UserMessage
 from .conversations import ConversationsScreen
-from .settings import Settings, SettingsScreen
+from .settings import Settings, SettingsScreen, differences
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 FLUSH_INTERVAL_S = 1 / 30  # at most this often the model thread sends text to the UI
 # Commands that change the conversation and so must wait for the reply in progress.
 _EDITS = {"clear", "regen", "undo", "system", "load", "model"}
+STILL_STREAMING = "A reply is still streaming: press Esc to stop it first"
 CONTEXT_START = "▲ the model no longer sees the turns above (they stay in the saved chat)"
 
 
@@ -150,9 +151,7 @@ class ChatScreen(Screen):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "stop":
             return self.generating  # Ctrl+C copies (the prompt's or the screen's selection) otherwise
-        if action in ("regenerate", "new_chat"):
-            return None if self.generating else True
-        return True
+        return True  # Ctrl+N / Ctrl+R while a reply streams run, to say why they can't (a disabled key is silent)
 
     # --- input ---------------------------------------------------------------------------------
     def on_key(self, event: events.Key) -> None:
@@ -162,6 +161,15 @@ class ChatScreen(Screen):
             prompt = self.query_one(PromptInput)
             prompt.focus()
             prompt.insert(event.character)
+
+    def on_paste(self, event: events.Paste) -> None:
+        """A paste that reached the screen (the transcript had focus): it goes to the prompt, as typing does."""
+        # A paste into the prompt bubbles up here too, already inserted: only take those nobody took.
+        if not isinstance(self.focused, (Input, TextArea)):
+            event.stop()
+            prompt = self.query_one(PromptInput)
+            prompt.focus()
+            prompt.insert(event.text)
 
     def on_text_area_changed(self, event: TextArea.Changed) -> None:
         if not isinstance(event.text_area, PromptInput):
@@ -179,8 +187,7 @@ class ChatScreen(Screen):
     async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
         text = event.text
         command = parse(text)
-        if self.generating and (command is None or command[0] in _EDITS):
-            self.notify("A reply is still streaming: press Esc to stop it first", severity="warning", timeout=3)
+        if (command is None or command[0] in _EDITS) and self.still_streaming():
             return
         if command is not None:
             event.prompt.clear()
@@ -328,8 +335,14 @@ class ChatScreen(Screen):
             self.save(stopping=True)
 
     # --- conversation edits ----------------------------------------------------------------------
-    async def action_new_chat(self) -> None:
+    def still_streaming(self) -> bool:
+        """True, with a warning, while a reply streams: what changes the conversation waits for it."""
         if self.generating:
+            self.notify(STILL_STREAMING, severity="warning", timeout=3)
+        return self.generating
+
+    async def action_new_chat(self) -> None:
+        if self.still_streaming():
             return
         self.session.clear()
         self.conversation = self._new_conversation()
@@ -337,7 +350,7 @@ class ChatScreen(Screen):
         self.notify("New chat", timeout=2)
 
     async def action_regenerate(self) -> None:
-        if self.generating:
+        if self.still_streaming():
             return
         if not self.session.turns:
             self.notify("Nothing to regenerate yet", severity="warning", timeout=3)
@@ -438,17 +451,25 @@ class ChatScreen(Screen):
         self.session.clear()
         self.session.load_turns(conv.turns)
         self.session.set_system(conv.system)
-        self.session.params = conv.sampling(self.default_params)
+        before, self.session.params = self.session.params, conv.sampling(self.default_params)
         self.conversation = conv
         await self.render_transcript()
         if announce:
-            self.notify(f"Opened “{conv.display_title}”", timeout=2)
+            # The chat's settings belong to it, but they replace what the user set (-t, /temp...): say so.
+            changed = differences(before, self.session.params)
+            if changed:
+                self.notify(f"Opened “{conv.display_title}” with its settings: {changed}", timeout=6)
+            else:
+                self.notify(f"Opened “{conv.display_title}”", timeout=2)
 
     # --- commands ------------------------------------------------------------------------------
     async def run_command(self, name: str, arg: str) -> None:
         """Run a slash command; mistakes are reported in a notification."""
         if name not in BY_NAME:
             self.notify(f"unknown command /{name} (try /help)", severity="error", timeout=4)
+            return
+        if arg and not BY_NAME[name].args:  # "/clear all" might mean something else: do nothing
+            self.notify(f"/{name} takes no argument (got {arg!r})", severity="error", timeout=4)
             return
         try:
             await getattr(self, f"_cmd_{name}")(arg)
@@ -472,6 +493,9 @@ class ChatScreen(Screen):
             self.save()
 
     async def _cmd_temp(self, arg: str) -> None:
+        if not arg:
+            self.notify(f"temperature is {self.session.params.temperature:g}; /temp X sets it", timeout=4)
+            return
         try:
             value = float(arg)
         except ValueError:
@@ -480,6 +504,12 @@ class ChatScreen(Screen):
         self.notify(f"temperature {value:g}" + (" (greedy)" if value == 0 else ""), timeout=2)
 
     async def _cmd_topk(self, arg: str) -> None:
+        if not arg:
+            top_k = self.session.params.top_k
+            self.notify(
+                f"top-k is {'off' if top_k is None else top_k}; /topk K sets it (0 or off: no limit)", timeout=4
+            )
+            return
         if arg.lower() in ("off", "none", "0"):
             value = None
         else:
@@ -500,10 +530,14 @@ class ChatScreen(Screen):
         if not arg:
             self.action_conversations()
             return
-        conv = self.store.find(arg)
-        if conv is None:
+        found = self.store.matches(arg)
+        if not found:
             raise NanochatError(f"no saved conversation called {arg!r} (/load alone lists them)")
-        await self.open_conversation(conv)
+        if len(found) > 1:  # opening the most recent could be the wrong one: let the user pick
+            self.notify(f"{len(found)} saved chats match {arg!r}: pick one", timeout=5)
+            self.action_conversations(match=arg)
+            return
+        await self.open_conversation(found[0])
 
     async def _cmd_export(self, arg: str) -> None:
         """``/export [PATH]``: the chat as Markdown in PATH (a file, or a folder), else the current folder."""
@@ -533,6 +567,8 @@ class ChatScreen(Screen):
     async def _cmd_copy(self, arg: str) -> None:
         if arg.lower() == "code":
             self.action_copy_code()
+        elif arg:
+            raise NanochatError(f"unknown /copy argument {arg!r} (try /copy or /copy code)")
         else:
             self.action_copy_reply()
 
@@ -575,12 +611,11 @@ class ChatScreen(Screen):
 
         self.app.push_screen(SettingsScreen(self.session.params, self.session.system_prompt), apply)
 
-    def action_conversations(self) -> None:
+    def action_conversations(self, match: str | None = None) -> None:
         async def open_id(conv_id: str | None) -> None:
             if conv_id is None or conv_id == self.conversation.id:
                 return
-            if self.generating:
-                self.notify("A reply is still streaming: press Esc to stop it first", severity="warning")
+            if self.still_streaming():
                 return
             try:
                 conv = self.store.load(conv_id)
@@ -589,4 +624,4 @@ class ChatScreen(Screen):
                 return
             await self.open_conversation(conv)
 
-        self.app.push_screen(ConversationsScreen(self.store, current=self.conversation.id), open_id)
+        self.app.push_screen(ConversationsScreen(self.store, current=self.conversation.id, match=match), open_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich import box
 from rich.table import Table
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
@@ -18,7 +19,7 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
     table.add_column("Key" if title == "Keys" else "Command", style="bold", no_wrap=True)
     table.add_column("What it does", ratio=1)
     for key, what in rows:
-        table.add_row(key, what)
+        table.add_row(Text(key), Text(what))  # plain text: Rich would read "/save [name]" as markup and drop "[name]"
     return table
 
 

@@ -20,9 +20,57 @@ class Settings:
     system: str | None
 
 
-def _optional_int(text: str) -> int | None:
+# How each sampling setting is named and shown, in the order the dialog lists them.
+_LABELS = {
+    "temperature": "temperature",
+    "top_k": "top-k",
+    "top_p": "top-p",
+    "min_p": "min-p",
+    "repetition_penalty": "repetition penalty",
+    "max_tokens": "max tokens",
+    "seed": "seed",
+}
+_UNSET = {"top_k": "off", "max_tokens": "up to the context", "seed": "random"}
+
+
+def differences(old: SamplingParams, new: SamplingParams) -> str:
+    """``"temperature 0.9, top-k 7"``: the settings of ``new`` that differ from ``old`` ("" when none do)."""
+    changed = []
+    for name, label in _LABELS.items():
+        value = getattr(new, name)
+        if value != getattr(old, name):
+            shown = _UNSET[name] if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+            changed.append(f"{label} {shown}")
+    return ", ".join(changed)
+
+
+MAX_TOKENS_HINT = "(empty = up to the context)"
+
+
+class FieldError(NanochatError):
+    """A value the dialog can't take; ``field`` is the id of its input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _number(field: str, label: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise FieldError(field, f"{label}: enter a number") from None
+
+
+def _whole(field: str, label: str, text: str, hint: str) -> int | None:
+    """A whole number; None for an empty field (or 'off', 'none')."""
     text = text.strip().lower()
-    return None if text in ("", "none", "off") else int(text)
+    if text in ("", "none", "off"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise FieldError(field, f"{label}: enter a whole number {hint}") from None
 
 
 class SettingsScreen(ModalScreen[Settings | None]):
@@ -65,18 +113,16 @@ class SettingsScreen(ModalScreen[Settings | None]):
         self.query_one("#set-temperature", Input).focus()
 
     def read(self) -> Settings:
-        """The settings as typed; raises NanochatError (or ValueError) for a bad value."""
+        """The settings as typed; raises NanochatError (FieldError naming the field) for a bad value."""
         value = lambda name: self.query_one(f"#set-{name}", Input).value  # noqa: E731
-        try:
-            params = self.params.with_(
-                temperature=float(value("temperature")),
-                top_k=_optional_int(value("top-k")),
-                top_p=float(value("top-p")),
-                max_tokens=_optional_int(value("max-tokens")),
-                seed=_optional_int(value("seed")),
-            )
-        except ValueError as e:
-            raise NanochatError(f"not a number: {e}".replace("could not convert string to float: ", "")) from None
+        temperature = _number("temperature", "Temperature", value("temperature"))
+        top_k = _whole("top-k", "Top-k", value("top-k"), "(0 = off)")
+        top_p = _number("top-p", "Top-p", value("top-p"))
+        max_tokens = _whole("max-tokens", "Max tokens", value("max-tokens"), MAX_TOKENS_HINT)
+        if max_tokens is not None and max_tokens < 1:  # 0 would give an empty reply every time
+            raise FieldError("max-tokens", f"Max tokens: enter 1 or more {MAX_TOKENS_HINT}")
+        seed = _whole("seed", "Seed", value("seed"), "(empty = random)")
+        params = self.params.with_(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed)
         system = self.query_one("#set-system", TextArea).text.strip() or None
         return Settings(params, system)
 
@@ -85,6 +131,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
             settings = self.read()
         except NanochatError as e:
             self.query_one("#settings-error", Label).update(str(e))
+            if isinstance(e, FieldError):
+                self.query_one(f"#set-{e.field}", Input).focus()
             return
         self.dismiss(settings)
 

@@ -8,7 +8,10 @@ from textual import events
 from textual.message import Message
 from textual.widgets import TextArea
 
-NEWLINE_KEYS = ("shift+enter", "ctrl+j", "alt+enter")
+NEWLINE_KEYS = ("shift+enter", "ctrl+j")  # the ones the help lists
+# Alt+Enter arrives as a key of its own only from terminals that speak the kitty keyboard protocol;
+# xterm and most others send ESC CR, which Textual reads as Enter. So it works where it can, unlisted.
+UNLISTED_NEWLINE_KEYS = ("alt+enter",)
 
 
 class PromptInput(TextArea):
@@ -43,7 +46,7 @@ class PromptInput(TextArea):
             if text.strip():
                 self.post_message(self.Submitted(self, text))
             return
-        if key in NEWLINE_KEYS:
+        if key in NEWLINE_KEYS or key in UNLISTED_NEWLINE_KEYS:
             event.stop()
             event.prevent_default()
             start, end = self.selection
