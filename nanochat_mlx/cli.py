@@ -9,8 +9,11 @@ through :class:`~nanochat_mlx.options.LoadOptions`, so each mistake gets the sam
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from .options import BACKENDS, DTYPES, QUANT_BITS, LoadOptions, finite
 from .sampling import SamplingParams
 
 COMMANDS = ("chat", "tui", "info", "convert", "bench", "serve", "sft", "models")
+EXTERNAL_COMMANDS = {"bench": ".bench", "serve": ".serve", "sft": ".training.sft", "models": ".models"}  # own parsers
 PHASES = ("base", "mid", "sft", "rl")  # the reference chat CLI's -i/--source values
 DEFAULT_HELP = "the model you chose last, else the built-in demo"
 
@@ -149,25 +153,41 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "chat"
-    if command == "bench":
-        from .bench import main as bench_main
+    _catch_interrupts()
+    # Everything from here, imports and parsing included, runs inside the guard: a Ctrl-C at
+    # startup is a quiet exit 130 like any other.
+    return _guarded(lambda: _run_command(command, argv), debug="--debug" in argv)
 
-        return _guarded(lambda: bench_main(argv), debug="--debug" in argv)
-    if command == "serve":
-        from .serve import main as serve_main
 
-        return _guarded(lambda: serve_main(argv), debug="--debug" in argv)
-    if command == "sft":
-        from .training.sft import main as sft_main
-
-        return _guarded(lambda: sft_main(argv), debug="--debug" in argv)
-    if command == "models":
-        from .models import main as models_main
-
-        return _guarded(lambda: models_main(argv), debug=False)
+def _run_command(command: str, argv: list[str]) -> int:
+    if command in EXTERNAL_COMMANDS:
+        module = importlib.import_module(EXTERNAL_COMMANDS[command], __package__)
+        return module.main(argv)
     args = build_parser()[command].parse_args(argv)
     run: Callable[[argparse.Namespace], int] = {"chat": _chat, "tui": _tui, "info": _info, "convert": _convert}[command]
-    return _guarded(lambda: run(args), debug=args.debug)
+    return run(args)
+
+
+class _Interrupts:
+    """The SIGINT handler: Python's own (KeyboardInterrupt), and it remembers. A Ctrl-C that lands
+    inside a C extension's import can come out as another error (an ImportError): that is still
+    the user's Ctrl-C, and gets its quiet exit."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+
+INTERRUPTS = _Interrupts()
+
+
+def _catch_interrupts() -> None:
+    INTERRUPTS.seen = False
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        signal.signal(signal.SIGINT, INTERRUPTS)
 
 
 def _guarded(run: Callable[[], int], debug: bool) -> int:
@@ -188,6 +208,9 @@ def _guarded(run: Callable[[], int], debug: bool) -> int:
     except Exception as e:  # noqa: BLE001 - never a traceback unless asked for
         if debug:
             raise
+        if INTERRUPTS.seen:  # the Ctrl-C broke something on its way (see _Interrupts)
+            print(file=sys.stderr)
+            return 130
         print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
 
@@ -272,6 +295,7 @@ def _repl(session, stats: bool, description: str) -> int:
             print(file=sys.stderr)
             return 0
         except KeyboardInterrupt:
+            INTERRUPTS.seen = False  # handled: later errors are errors again
             print(file=sys.stderr)
             continue
         text = line.strip()
@@ -286,6 +310,7 @@ def _repl(session, stats: bool, description: str) -> int:
         try:
             _stream_reply(session, text)
         except KeyboardInterrupt:
+            INTERRUPTS.seen = False
             print("(stopped)", file=sys.stderr)
             continue
         except NanochatError as e:  # e.g. a message longer than the context: the session goes on
