@@ -17,10 +17,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__
+from . import __version__, stdio
 from .errors import NanochatError
 from .options import BACKENDS, DTYPES, QUANT_BITS, LoadOptions, finite
 from .sampling import SamplingParams
+from .stdio import StdoutError
 
 COMMANDS = ("chat", "tui", "info", "convert", "bench", "serve", "sft", "models")
 EXTERNAL_COMMANDS = {"bench": ".bench", "serve": ".serve", "sft": ".training.sft", "models": ".models"}  # own parsers
@@ -153,6 +154,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "chat"
+    stdio.install()
     _catch_interrupts()
     # Everything from here, imports and parsing included, runs inside the guard: a Ctrl-C at
     # startup is a quiet exit 130 like any other.
@@ -193,10 +195,18 @@ def _catch_interrupts() -> None:
 def _guarded(run: Callable[[], int], debug: bool) -> int:
     """Run a command; user errors become one line on stderr and exit status 1."""
     try:
-        return run()
+        code = run()
+        sys.stdout.flush()  # here, so a full disk is reported like any error, not at the exit
+        return code
     except BrokenPipeError:  # `nanochat-mlx -p ... | head -n 1`: the reader left, as Unix tools exit
         _silence_stdout()
         return 0
+    except StdoutError as e:
+        _silence_stdout()  # what is still buffered would fail again at the exit
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except NanochatError as e:
         if debug:
             raise
@@ -245,6 +255,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     # Validate every option before the (slow) model load.
     options, params = load_options(args), sampling_params(args)
+    _check_streams(args.prompt)
     prompt = args.prompt
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -260,6 +271,15 @@ def _chat(args: argparse.Namespace) -> int:
             print(f"{loaded.description}\n{session.last_stats.summary()}", file=sys.stderr)
         return 0
     return _repl(session, args.stats, loaded.description)
+
+
+def _check_streams(prompt: str | None) -> None:
+    """Refuse, before the load, a chat whose standard streams were closed."""
+    if stdio.closed_at_start(sys.stdout):
+        raise StdoutError("stdout is closed: the reply has nowhere to go")
+    if stdio.closed_at_start(sys.stdin) and prompt in (None, "-"):
+        reader = "-p - reads the prompt from it" if prompt else "the chat reads your messages from it"
+        raise NanochatError(f"stdin is closed: {reader} (give the prompt with -p TEXT)")
 
 
 def _stream_reply(session, text: str) -> None:
