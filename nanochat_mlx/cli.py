@@ -256,12 +256,10 @@ def _chat(args: argparse.Namespace) -> int:
     # Validate every option before the (slow) model load.
     options, params = load_options(args), sampling_params(args)
     _check_streams(args.prompt)
-    prompt = args.prompt
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    if prompt is not None and not prompt.strip():
-        raise NanochatError("the prompt is empty: give -p TEXT, or -p - with text on stdin")
+    prompt = _check_prompt(args.prompt)
     loaded = _load(options)
+    if prompt == "-":  # read after the load: the model's context bounds how much is worth reading
+        prompt = _check_prompt(_read_stdin_prompt(loaded))
     if args.source is not None:  # an explicit choice becomes the default of the next run
         remember_source(options.source)
     session = ChatSession(loaded.engine, system_prompt=args.system, params=params)
@@ -271,6 +269,24 @@ def _chat(args: argparse.Namespace) -> int:
             print(f"{loaded.description}\n{session.last_stats.summary()}", file=sys.stderr)
         return 0
     return _repl(session, args.stats, loaded.description)
+
+
+def _check_prompt(prompt: str | None) -> str | None:
+    if prompt is not None and not prompt.strip():
+        raise NanochatError("the prompt is empty: give -p TEXT, or -p - with text on stdin")
+    return prompt
+
+
+def _read_stdin_prompt(loaded) -> str:
+    """stdin, read no further than a prompt that fits the context could go (``< /dev/zero`` is
+    refused at once, not after filling the memory): each token stands for at most the longest
+    token's bytes, so more than context x longest bytes can't be under the context."""
+    context = loaded.engine.context_limit
+    longest = max(map(len, loaded.tokenizer.enc.token_byte_values()), default=1)
+    data = sys.stdin.buffer.read(context * longest + 1)
+    if len(data) > context * longest:
+        raise NanochatError(f"the prompt on stdin is longer than the model's context ({context} tokens)")
+    return data.decode(sys.stdin.encoding or "utf-8", errors="replace")
 
 
 def _check_streams(prompt: str | None) -> None:

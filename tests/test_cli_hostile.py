@@ -86,3 +86,24 @@ def test_a_closed_or_full_stderr_does_not_stop_the_reply(redirection):
     assert want.returncode == 0 and want.stdout.strip()
     r = shell(ONE_SHOT, redirection)
     assert (r.returncode, r.stdout) == (0, want.stdout)
+
+
+# --- endless stdin ----------------------------------------------------------------------------------
+
+
+def test_an_endless_stdin_is_refused_after_reading_no_more_than_could_fit_the_context():
+    proc = subprocess.Popen(
+        [*CLI, "--source", G1, "-p", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    sent, chunk = 0, b"word " * 13107  # 64 KiB a write, up to 8 MiB; the CLI leaving ends the writing
+    try:
+        while sent < 8 * 2**20:
+            proc.stdin.write(chunk)
+            sent += len(chunk)
+    except BrokenPipeError:
+        pass
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and out == b""
+    assert err.decode().startswith("error: the prompt on stdin is longer than the model's context (640 tokens)")
+    assert err.count(b"\n") == 1
+    assert sent < 2**20  # what it read, give or take the pipe's buffer
