@@ -299,7 +299,8 @@ def _check_streams(prompt: str | None) -> None:
 
 
 def _stream_reply(session, text: str) -> None:
-    """Print the reply as it streams; notices (a shorter context) go to stderr first."""
+    """Print the reply as it streams; notices (a shorter context) go to stderr first, and a note
+    after a reply that the full context cut short (else it would look finished)."""
     events = session.stream(text)
     try:
         for event in events:
@@ -312,6 +313,9 @@ def _stream_reply(session, text: str) -> None:
         events.close()
         sys.stdout.write("\n")
         sys.stdout.flush()
+    if session.last_stats is not None and session.last_stats.stopped == "context":
+        context = session.engine.context_limit
+        print(f"note: the reply stopped at the end of the model's context ({context} tokens)", file=sys.stderr)
 
 
 def _repl(session, stats: bool, description: str) -> int:

@@ -295,3 +295,15 @@ def test_bench_help_is_plain_text_with_help_for_every_argument():
     from nanochat_mlx.bench import parser
 
     assert [a.dest for a in parser()._actions if not a.help] == []
+
+
+def test_a_reply_that_fills_the_context_says_so_on_stderr():
+    r = nanochat("--source", str(variant_dir("g1")), "-p", "-", "-t", "0", stdin="a b " * 290)  # 640-token context
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.strip()
+    assert "note: the reply stopped at the end of the model's context (640 tokens)" in r.stderr.decode()
+
+
+def test_a_reply_cut_by_max_tokens_gets_no_context_note():
+    r = nanochat("--source", str(variant_dir("g1")), "-p", "hi", "-t", "0", "-m", "3")
+    assert r.returncode == 0 and "context" not in r.stderr.decode()
