@@ -127,16 +127,38 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
     else the built-in demo (with a one-line hint on how to get a real model)."""
     from .userconfig import default_source, default_source_hint
 
-    source = args.source
-    if source is None:
+    source, tag = args.source, getattr(args, "model_tag", None)
+    if tag is not None:
+        source = _base_dir_source(source, tag)
+    elif source is None:
         source = default_source()
         hint = default_source_hint(source)
         if hint:
             print(hint, file=sys.stderr)
-    tag = getattr(args, "model_tag", None)
-    if source in PHASES and not Path(source).exists() or tag:
-        source = f"nanochat:{source.removeprefix('nanochat:')}" + (f"/{tag}" if tag else "")
+    elif source in PHASES and not Path(source).exists():
+        source = f"nanochat:{source}"
     return LoadOptions(source, args.step, args.arch, args.dtype, args.quantize, args.backend)
+
+
+def _chosen(args: argparse.Namespace) -> bool:
+    """Whether the command line named a model (rather than taking the remembered default)."""
+    return args.source is not None or getattr(args, "model_tag", None) is not None
+
+
+def _base_dir_source(source: str | None, tag: str) -> str:
+    """``-g TAG`` with ``-i PHASE`` (default sft, as the reference's chat CLI): ``nanochat:PHASE/TAG``."""
+    if not tag.strip() or "/" in tag:
+        raise NanochatError(f"-g/--model-tag takes a model folder's name such as d20, got {tag!r}")
+    phase = "sft" if source is None else source.removeprefix("nanochat:")
+    phase, _, named = phase.partition("/")
+    if phase in PHASES and named not in ("", tag):
+        raise NanochatError(f"-g/--model-tag {tag} conflicts with the tag in --source {source}: give one of them")
+    if phase not in PHASES:
+        raise NanochatError(
+            "-g/--model-tag picks a checkpoint of the nanochat base dir: use it with -i base|mid|sft|rl, "
+            f"not with --source {source}"
+        )
+    return f"nanochat:{phase}/{tag}"
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -260,7 +282,7 @@ def _chat(args: argparse.Namespace) -> int:
     loaded = _load(options)
     if prompt == "-":  # read after the load: the model's context bounds how much is worth reading
         prompt = _check_prompt(_read_stdin_prompt(loaded))
-    if args.source is not None:  # an explicit choice becomes the default of the next run
+    if _chosen(args):  # an explicit choice becomes the default of the next run
         remember_source(options.source)
     session = ChatSession(loaded.engine, system_prompt=args.system, params=params)
     if prompt is not None:
@@ -367,7 +389,7 @@ def _tui(args: argparse.Namespace) -> int:
 
     options = load_options(args)
     code = run_tui(options, params=sampling_params(args), system=args.system, debug=args.debug)
-    if code == 0 and args.source is not None:  # it loaded: the next run starts there
+    if code == 0 and _chosen(args):  # it loaded: the next run starts there
         remember_source(options.source)
     return code
 

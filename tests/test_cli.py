@@ -235,6 +235,29 @@ def test_reference_chat_cli_spellings_pick_a_base_dir_checkpoint(tmp_path):
     assert r.stdout.decode() == want + "\n"
 
 
+def test_model_tag_alone_picks_from_the_sft_phase_as_the_reference_chat_cli(tmp_path):
+    copy_variant("g9", tmp_path / "base" / "chatsft_checkpoints" / "d4")
+    user, want, max_tokens = reference_reply("g9")
+    env = {"NANOCHAT_BASE_DIR": str(tmp_path / "base")}
+    r = nanochat("-g", "d4", "-p", user, "-t", "0", "-m", str(max_tokens), env=env)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode() == want + "\n"
+
+
+@pytest.mark.parametrize("source", [str(variant_dir("g1")), "demo", "hf:owner/name"])
+def test_model_tag_with_a_source_outside_the_base_dir_is_refused(source):
+    r = nanochat("--source", source, "-g", "d20", "-p", "hi")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.count("\n") == 1
+    assert "-g/--model-tag" in err and "-i base|mid|sft|rl" in err and source in err
+
+
+def test_model_tag_that_conflicts_with_the_sources_tag_is_refused():
+    r = nanochat("--source", "nanochat:sft/d4", "-g", "d6", "-p", "hi")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.count("\n") == 1 and "conflicts" in err and "d4" in err and "d6" in err
+
+
 def test_a_bad_option_is_one_line_not_a_usage_dump():
     r = nanochat("--source", str(variant_dir("g1")), "-p", "hi", "--no-such-flag")
     err = r.stderr.decode()
