@@ -49,7 +49,8 @@ def model_options_parent(source: str = "option") -> argparse.ArgumentParser:
     parent = Parser(add_help=False)
     g = parent.add_argument_group("model")
     if source == "positional":
-        g.add_argument("source", nargs="?", help=f"the checkpoint (default: {DEFAULT_HELP})")
+        g.add_argument("source_arg", nargs="?", metavar="source", help=f"the checkpoint (default: {DEFAULT_HELP})")
+        g.add_argument("--source", "--model", "-i", help="the checkpoint, spelt as the other commands take it")
     else:
         g.add_argument(
             "--source",
@@ -127,7 +128,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
     else the built-in demo (with a one-line hint on how to get a real model)."""
     from .userconfig import default_source, default_source_hint
 
-    source, tag = args.source, getattr(args, "model_tag", None)
+    source, tag = _given_source(args), getattr(args, "model_tag", None)
     if tag is not None:
         source = _base_dir_source(source, tag)
     elif source is None:
@@ -138,6 +139,15 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
     elif source in PHASES and not Path(source).exists():
         source = f"nanochat:{source}"
     return LoadOptions(source, args.step, args.arch, args.dtype, args.quantize, args.backend)
+
+
+def _given_source(args: argparse.Namespace) -> str | None:
+    """The source of the command line: ``info``/``convert`` take it as the first argument or as
+    ``--source``, like the other commands, but once."""
+    positional = getattr(args, "source_arg", None)
+    if positional is not None and args.source is not None and positional != args.source:
+        raise NanochatError(f"two sources given, {positional} and --source {args.source}: give one")
+    return args.source if positional is None else positional
 
 
 def _chosen(args: argparse.Namespace) -> bool:

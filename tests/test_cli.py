@@ -206,6 +206,26 @@ def test_console_script_is_installed():
     assert r.returncode == 0 and b"--source" in r.stdout
 
 
+@pytest.mark.parametrize("spelling", ["--source", "--model", "-i"])
+def test_info_takes_the_source_as_an_option_as_the_other_commands(spelling):
+    positional = nanochat("info", str(variant_dir("g9")))
+    r = nanochat("info", spelling, str(variant_dir("g9")))
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout == positional.stdout
+
+
+def test_info_with_two_different_sources_is_refused():
+    r = nanochat("info", str(variant_dir("g9")), "--source", "demo")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.count("\n") == 1 and "two sources" in err
+
+
+def test_convert_takes_the_source_as_an_option(tmp_path):
+    r = nanochat("convert", "--source", str(variant_dir("g1")), str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr.decode()
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
 def test_info_names_the_backend_and_device():
     out = nanochat("info", str(variant_dir("g1")), "--backend", "mlx").stdout.decode()
     assert "backend:      mlx on cpu, float32 (mlx)" in out
