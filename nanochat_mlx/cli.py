@@ -373,9 +373,10 @@ def _repl(session, stats: bool, description: str) -> int:
         text = line.strip()
         if not text:
             continue
-        if text in ("quit", "exit"):
+        command = text.lower()  # CLEAR, Quit: a command however it is typed
+        if command in ("quit", "exit"):
             return 0
-        if text == "clear":
+        if command == "clear":
             session.clear()
             print("(conversation cleared)", file=sys.stderr)
             continue

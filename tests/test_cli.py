@@ -102,6 +102,18 @@ def test_repl_runs_two_turns_clear_and_quit():
     assert "cleared" in r.stderr.decode()
 
 
+@pytest.mark.parametrize("quit_line", ["Quit", "EXIT", "  exit  "])
+def test_repl_commands_work_in_any_case_and_with_spaces_around(quit_line):
+    r = nanochat(
+        "--source", str(variant_dir("g9")), "-t", "0", "--max-tokens", "8",
+        stdin=f"hello\n  CLEAR \nhello\n{quit_line}\nnever sent\n",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr.decode()
+    replies = r.stdout.decode().split("\n")
+    assert len(replies) == 3 and replies[0] == replies[1]  # cleared, then quit before "never sent"
+    assert "cleared" in r.stderr.decode()
+
+
 def test_repl_exits_cleanly_at_end_of_input():
     r = nanochat("--source", str(variant_dir("g1")), "-t", "0", "--max-tokens", "4", stdin="hi\n")
     assert r.returncode == 0
