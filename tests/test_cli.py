@@ -199,8 +199,9 @@ def test_info_on_ambiguous_generation_says_so():
     assert "g5" in out and "g6" in out and "--arch" in out
 
 
-def test_info_with_arch_override():
-    out = nanochat("info", str(variant_dir("g6")), "--arch", "g6").stdout.decode()
+@pytest.mark.parametrize("arch", ["g6", "G6", "6"])
+def test_info_with_arch_override(arch):
+    out = nanochat("info", str(variant_dir("g6")), "--arch", arch).stdout.decode()
     assert "generation:   g6" in out and "softcap 20" in out
 
 
