@@ -9,17 +9,22 @@ through :class:`~nanochat_mlx.options.LoadOptions`, so each mistake gets the sam
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__
+from . import __version__, stdio
 from .errors import NanochatError
 from .options import BACKENDS, DTYPES, QUANT_BITS, LoadOptions, finite
 from .sampling import SamplingParams
+from .stdio import StdoutError
 
 COMMANDS = ("chat", "tui", "info", "convert", "bench", "serve", "sft", "models")
+EXTERNAL_COMMANDS = {"bench": ".bench", "serve": ".serve", "sft": ".training.sft", "models": ".models"}  # own parsers
 PHASES = ("base", "mid", "sft", "rl")  # the reference chat CLI's -i/--source values
 DEFAULT_HELP = "the model you chose last, else the built-in demo"
 
@@ -39,12 +44,19 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
 
 
+def _arch(text: str) -> str:
+    """argparse type for --arch: ``g6``, ``G6`` and ``6`` all name g6 (LoadOptions checks it is one)."""
+    text = text.strip().lower()
+    return f"g{text}" if text.isdigit() else text
+
+
 def model_options_parent(source: str = "option") -> argparse.ArgumentParser:
     """The model options every command shares. ``source``: "option" (``--source``) or "positional"."""
     parent = Parser(add_help=False)
     g = parent.add_argument_group("model")
     if source == "positional":
-        g.add_argument("source", nargs="?", help=f"the checkpoint (default: {DEFAULT_HELP})")
+        g.add_argument("source_arg", nargs="?", metavar="source", help=f"the checkpoint (default: {DEFAULT_HELP})")
+        g.add_argument("--source", "--model", "-i", help="the checkpoint, spelt as the other commands take it")
     else:
         g.add_argument(
             "--source",
@@ -55,7 +67,7 @@ def model_options_parent(source: str = "option") -> argparse.ArgumentParser:
         )
         g.add_argument("-g", "--model-tag", help="with a phase: the model tag in the base dir, e.g. d20")
     g.add_argument("-s", "--step", type=int, help="checkpoint step (default: the highest)")
-    g.add_argument("--arch", help="architecture generation g1..g9 when the files can't tell (g5/g6/g7)")
+    g.add_argument("--arch", type=_arch, help="architecture generation g1..g9 when the files can't tell (g5/g6/g7)")
     g.add_argument(
         "--dtype", choices=DTYPES, help="compute dtype (default: float32 on CPU, bfloat16 on GPU; convert: float32)"
     )
@@ -122,16 +134,47 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
     else the built-in demo (with a one-line hint on how to get a real model)."""
     from .userconfig import default_source, default_source_hint
 
-    source = args.source
-    if source is None:
+    source, tag = _given_source(args), getattr(args, "model_tag", None)
+    if tag is not None:
+        source = _base_dir_source(source, tag)
+    elif source is None:
         source = default_source()
         hint = default_source_hint(source)
         if hint:
             print(hint, file=sys.stderr)
-    tag = getattr(args, "model_tag", None)
-    if source in PHASES and not Path(source).exists() or tag:
-        source = f"nanochat:{source.removeprefix('nanochat:')}" + (f"/{tag}" if tag else "")
+    elif source in PHASES and not Path(source).exists():
+        source = f"nanochat:{source}"
     return LoadOptions(source, args.step, args.arch, args.dtype, args.quantize, args.backend)
+
+
+def _given_source(args: argparse.Namespace) -> str | None:
+    """The source of the command line: ``info``/``convert`` take it as the first argument or as
+    ``--source``, like the other commands, but once."""
+    positional = getattr(args, "source_arg", None)
+    if positional is not None and args.source is not None and positional != args.source:
+        raise NanochatError(f"two sources given, {positional} and --source {args.source}: give one")
+    return args.source if positional is None else positional
+
+
+def _chosen(args: argparse.Namespace) -> bool:
+    """Whether the command line named a model (rather than taking the remembered default)."""
+    return args.source is not None or getattr(args, "model_tag", None) is not None
+
+
+def _base_dir_source(source: str | None, tag: str) -> str:
+    """``-g TAG`` with ``-i PHASE`` (default sft, as the reference's chat CLI): ``nanochat:PHASE/TAG``."""
+    if not tag.strip() or "/" in tag:
+        raise NanochatError(f"-g/--model-tag takes a model folder's name such as d20, got {tag!r}")
+    phase = "sft" if source is None else source.removeprefix("nanochat:")
+    phase, _, named = phase.partition("/")
+    if phase in PHASES and named not in ("", tag):
+        raise NanochatError(f"-g/--model-tag {tag} conflicts with the tag in --source {source}: give one of them")
+    if phase not in PHASES:
+        raise NanochatError(
+            "-g/--model-tag picks a checkpoint of the nanochat base dir: use it with -i base|mid|sft|rl, "
+            f"not with --source {source}"
+        )
+    return f"nanochat:{phase}/{tag}"
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -149,34 +192,59 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "chat"
-    if command == "bench":
-        from .bench import main as bench_main
+    stdio.install()
+    _catch_interrupts()
+    # Everything from here, imports and parsing included, runs inside the guard: a Ctrl-C at
+    # startup is a quiet exit 130 like any other.
+    return _guarded(lambda: _run_command(command, argv), debug="--debug" in argv)
 
-        return _guarded(lambda: bench_main(argv), debug="--debug" in argv)
-    if command == "serve":
-        from .serve import main as serve_main
 
-        return _guarded(lambda: serve_main(argv), debug="--debug" in argv)
-    if command == "sft":
-        from .training.sft import main as sft_main
-
-        return _guarded(lambda: sft_main(argv), debug="--debug" in argv)
-    if command == "models":
-        from .models import main as models_main
-
-        return _guarded(lambda: models_main(argv), debug=False)
+def _run_command(command: str, argv: list[str]) -> int:
+    if command in EXTERNAL_COMMANDS:
+        module = importlib.import_module(EXTERNAL_COMMANDS[command], __package__)
+        return module.main(argv)
     args = build_parser()[command].parse_args(argv)
     run: Callable[[argparse.Namespace], int] = {"chat": _chat, "tui": _tui, "info": _info, "convert": _convert}[command]
-    return _guarded(lambda: run(args), debug=args.debug)
+    return run(args)
+
+
+class _Interrupts:
+    """The SIGINT handler: Python's own (KeyboardInterrupt), and it remembers. A Ctrl-C that lands
+    inside a C extension's import can come out as another error (an ImportError): that is still
+    the user's Ctrl-C, and gets its quiet exit."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+
+INTERRUPTS = _Interrupts()
+
+
+def _catch_interrupts() -> None:
+    INTERRUPTS.seen = False
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        signal.signal(signal.SIGINT, INTERRUPTS)
 
 
 def _guarded(run: Callable[[], int], debug: bool) -> int:
     """Run a command; user errors become one line on stderr and exit status 1."""
     try:
-        return run()
+        code = run()
+        sys.stdout.flush()  # here, so a full disk is reported like any error, not at the exit
+        return code
     except BrokenPipeError:  # `nanochat-mlx -p ... | head -n 1`: the reader left, as Unix tools exit
         _silence_stdout()
         return 0
+    except StdoutError as e:
+        _silence_stdout()  # what is still buffered would fail again at the exit
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except NanochatError as e:
         if debug:
             raise
@@ -188,6 +256,9 @@ def _guarded(run: Callable[[], int], debug: bool) -> int:
     except Exception as e:  # noqa: BLE001 - never a traceback unless asked for
         if debug:
             raise
+        if INTERRUPTS.seen:  # the Ctrl-C broke something on its way (see _Interrupts)
+            print(file=sys.stderr)
+            return 130
         print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
 
@@ -222,13 +293,12 @@ def _chat(args: argparse.Namespace) -> int:
 
     # Validate every option before the (slow) model load.
     options, params = load_options(args), sampling_params(args)
-    prompt = args.prompt
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    if prompt is not None and not prompt.strip():
-        raise NanochatError("the prompt is empty: give -p TEXT, or -p - with text on stdin")
+    _check_streams(args.prompt)
+    prompt = _check_prompt(args.prompt)
     loaded = _load(options)
-    if args.source is not None:  # an explicit choice becomes the default of the next run
+    if prompt == "-":  # read after the load: the model's context bounds how much is worth reading
+        prompt = _check_prompt(_read_stdin_prompt(loaded))
+    if _chosen(args):  # an explicit choice becomes the default of the next run
         remember_source(options.source)
     session = ChatSession(loaded.engine, system_prompt=args.system, params=params)
     if prompt is not None:
@@ -239,8 +309,36 @@ def _chat(args: argparse.Namespace) -> int:
     return _repl(session, args.stats, loaded.description)
 
 
+def _check_prompt(prompt: str | None) -> str | None:
+    if prompt is not None and not prompt.strip():
+        raise NanochatError("the prompt is empty: give -p TEXT, or -p - with text on stdin")
+    return prompt
+
+
+def _read_stdin_prompt(loaded) -> str:
+    """stdin, read no further than a prompt that fits the context could go (``< /dev/zero`` is
+    refused at once, not after filling the memory): each token stands for at most the longest
+    token's bytes, so more than context x longest bytes can't be under the context."""
+    context = loaded.engine.context_limit
+    longest = max(map(len, loaded.tokenizer.enc.token_byte_values()), default=1)
+    data = sys.stdin.buffer.read(context * longest + 1)
+    if len(data) > context * longest:
+        raise NanochatError(f"the prompt on stdin is longer than the model's context ({context} tokens)")
+    return data.decode(sys.stdin.encoding or "utf-8", errors="replace")
+
+
+def _check_streams(prompt: str | None) -> None:
+    """Refuse, before the load, a chat whose standard streams were closed."""
+    if stdio.closed_at_start(sys.stdout):
+        raise StdoutError("stdout is closed: the reply has nowhere to go")
+    if stdio.closed_at_start(sys.stdin) and prompt in (None, "-"):
+        reader = "-p - reads the prompt from it" if prompt else "the chat reads your messages from it"
+        raise NanochatError(f"stdin is closed: {reader} (give the prompt with -p TEXT)")
+
+
 def _stream_reply(session, text: str) -> None:
-    """Print the reply as it streams; notices (a shorter context) go to stderr first."""
+    """Print the reply as it streams; notices (a shorter context) go to stderr first, and a note
+    after a reply that the full context cut short (else it would look finished)."""
     events = session.stream(text)
     try:
         for event in events:
@@ -253,6 +351,9 @@ def _stream_reply(session, text: str) -> None:
         events.close()
         sys.stdout.write("\n")
         sys.stdout.flush()
+    if session.last_stats is not None and session.last_stats.stopped == "context":
+        context = session.engine.context_limit
+        print(f"note: the reply stopped at the end of the model's context ({context} tokens)", file=sys.stderr)
 
 
 def _repl(session, stats: bool, description: str) -> int:
@@ -272,20 +373,23 @@ def _repl(session, stats: bool, description: str) -> int:
             print(file=sys.stderr)
             return 0
         except KeyboardInterrupt:
+            INTERRUPTS.seen = False  # handled: later errors are errors again
             print(file=sys.stderr)
             continue
         text = line.strip()
         if not text:
             continue
-        if text in ("quit", "exit"):
+        command = text.lower()  # CLEAR, Quit: a command however it is typed
+        if command in ("quit", "exit"):
             return 0
-        if text == "clear":
+        if command == "clear":
             session.clear()
             print("(conversation cleared)", file=sys.stderr)
             continue
         try:
             _stream_reply(session, text)
         except KeyboardInterrupt:
+            INTERRUPTS.seen = False
             print("(stopped)", file=sys.stderr)
             continue
         except NanochatError as e:  # e.g. a message longer than the context: the session goes on
@@ -302,7 +406,7 @@ def _tui(args: argparse.Namespace) -> int:
 
     options = load_options(args)
     code = run_tui(options, params=sampling_params(args), system=args.system, debug=args.debug)
-    if code == 0 and args.source is not None:  # it loaded: the next run starts there
+    if code == 0 and _chosen(args):  # it loaded: the next run starts there
         remember_source(options.source)
     return code
 
