@@ -44,12 +44,6 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
 
 
-def _arch(text: str) -> str:
-    """argparse type for --arch: ``g6``, ``G6`` and ``6`` all name g6 (LoadOptions checks it is one)."""
-    text = text.strip().lower()
-    return f"g{text}" if text.isdigit() else text
-
-
 def model_options_parent(source: str = "option") -> argparse.ArgumentParser:
     """The model options every command shares. ``source``: "option" (``--source``) or "positional"."""
     parent = Parser(add_help=False)
@@ -67,7 +61,7 @@ def model_options_parent(source: str = "option") -> argparse.ArgumentParser:
         )
         g.add_argument("-g", "--model-tag", help="with a phase: the model tag in the base dir, e.g. d20")
     g.add_argument("-s", "--step", type=int, help="checkpoint step (default: the highest)")
-    g.add_argument("--arch", type=_arch, help="architecture generation g1..g9 when the files can't tell (g5/g6/g7)")
+    g.add_argument("--arch", help="architecture generation g1..g9 when the files can't tell (g5/g6/g7)")
     g.add_argument(
         "--dtype", choices=DTYPES, help="compute dtype (default: float32 on CPU, bfloat16 on GPU; convert: float32)"
     )
@@ -320,7 +314,7 @@ def _read_stdin_prompt(loaded) -> str:
     refused at once, not after filling the memory): each token stands for at most the longest
     token's bytes, so more than context x longest bytes can't be under the context."""
     context = loaded.engine.context_limit
-    longest = max(map(len, loaded.tokenizer.enc.token_byte_values()), default=1)
+    longest = loaded.tokenizer.longest_token_bytes
     data = sys.stdin.buffer.read(context * longest + 1)
     if len(data) > context * longest:
         raise NanochatError(f"the prompt on stdin is longer than the model's context ({context} tokens)")

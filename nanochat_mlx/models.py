@@ -10,7 +10,6 @@ estimated sizes. Every entry's ``source`` is what ``--source`` takes. Nothing he
 
 from __future__ import annotations
 
-import argparse
 import json
 import posixpath
 import re
@@ -243,7 +242,9 @@ def render(choices: list[ModelChoice]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    from .cli import Parser
+
+    p = Parser(
         prog="nanochat-mlx models",
         description="List the models to chat with: the built-in demo, cached Hub repos, nanochat base-dir "
         "checkpoints, the FOLDERs given, and known Hub repos to download. * marks the one chosen last.",

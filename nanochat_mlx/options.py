@@ -49,6 +49,9 @@ class LoadOptions:
         step = whole("step", self.step)
         if step is not None and step < 0:
             raise NanochatError(f"step must be >= 0, got {step}")
+        if isinstance(self.arch, str):  # "G6" and "6" name g6 too
+            arch = self.arch.strip().lower()
+            object.__setattr__(self, "arch", f"g{arch}" if arch.isdigit() else arch)
         if self.arch is not None and self.arch not in GENERATIONS:
             raise NanochatError(f"unknown architecture {self.arch!r}; known generations: {', '.join(GENERATIONS)}")
         if self.dtype is not None and self.dtype not in DTYPES:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import functools
 import io
 import pickle
 from pathlib import Path
@@ -136,6 +137,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.enc.n_vocab
+
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        """The most bytes one token stands for: a text of more than context x this can't fit the context."""
+        return max(map(len, self.enc.token_byte_values()), default=1)
 
     def get_bos_token_id(self) -> int:
         return self.bos_token_id

@@ -297,9 +297,6 @@ def test_a_bad_option_is_one_line_not_a_usage_dump():
     assert r.returncode == 2 and err.count("\n") == 1 and "--no-such-flag" in err and "--help" in err
 
 
-MODELS_PARSER = "models.py builds a plain argparse.ArgumentParser, not cli.Parser (fix pending in models.py)"
-
-
 @pytest.mark.parametrize(
     "command",
     [
@@ -309,7 +306,7 @@ MODELS_PARSER = "models.py builds a plain argparse.ArgumentParser, not cli.Parse
         "bench",
         "serve",
         "sft",
-        pytest.param("models", marks=pytest.mark.xfail(reason=MODELS_PARSER, strict=True)),
+        "models",
     ],
 )
 def test_every_command_answers_a_typo_in_one_line_not_a_usage_dump(command):

@@ -18,8 +18,8 @@ from conftest import HAS_TORCH, ROOT, variant_dir
 SMALL = ["--batch-tokens", "1024", "--device-batch-size", "8", "--max-seq-len", "64", "--backend", "mlx"]
 
 
-def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run(*args: str, timeout: float = 300, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env_vars}
     return subprocess.run(
         [sys.executable, "-m", "nanochat_mlx.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -175,6 +175,19 @@ def test_data_smaller_than_one_step_is_noted_with_how_often_it_repeats(tmp_path)
     tokens = int(r.stderr.split(" examples (")[1].split(" tokens")[0].replace(",", ""))
     repeats = f"every step repeats it about {1024 / tokens:.0f} times"
     assert f"note: the data holds {tokens:,} tokens, under one step's 1,024: {repeats}" in r.stderr
+
+
+def test_the_source_is_spelt_as_the_chat_command_takes_it(tmp_path, data):
+    shutil.copytree(variant_dir("g9"), tmp_path / "base" / "chatsft_checkpoints" / "d4")
+    r = run("sft", "-i", "sft", "-g", "d4", "--data", data["train"], "--out", str(tmp_path / "o"), "--steps", "1",
+            *SMALL, NANOCHAT_BASE_DIR=str(tmp_path / "base"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("nanochat:sft/d4 (g9")
+
+
+def test_without_a_source_sft_asks_for_one(tmp_path, data):
+    r = run("sft", "--data", data["train"], "--out", str(tmp_path / "o"))
+    assert r.returncode == 1 and r.stderr.startswith("error: give --source (the checkpoint to fine-tune")
 
 
 def test_a_second_run_into_the_same_folder_is_refused(trained, data):
