@@ -31,6 +31,14 @@ PREFILL_TARGET_S = 0.25  # a prefill chunk is sized to take about this long, so 
 PREFILL_CHUNKS = (4, 2048)  # smallest and largest chunk, in tokens (MLX on a busy CPU: ~4 tok/s)
 
 
+def check_token_ids(tokens: list[int], vocab_size: int) -> None:
+    """Refuse ids outside the vocabulary: an embedding lookup does not check them (MLX reads past
+    the table), so they would give garbage logits, not an error."""
+    bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise NanochatError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+
+
 def piece_size(remaining: int, chunk: int) -> int:
     """The next adaptive prefill chunk: ``chunk`` tokens, or all ``remaining`` when what would be
     left is under half a chunk (a short tail costs a whole weight read of its own)."""
@@ -308,6 +316,7 @@ class Engine:
         runner = self.runner
         if not tokens:
             raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
+        check_token_ids(tokens, self.tokenizer.vocab_size)
         if num_samples > 1 and cache is not None:
             raise ValueError("a prompt cache serves one row only")
         stop_tokens, stop_strings = list(stop_tokens) if stop_tokens is not None else None, list(stop_strings)

@@ -32,10 +32,11 @@ def one_line_error(r: subprocess.CompletedProcess) -> str:
     return err
 
 
-@pytest.mark.parametrize("delay", [0.25, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("delay", [0.5, 0.75, 1.0])
 def test_ctrl_c_during_startup_exits_130_without_a_traceback(delay):
     # -p - waits on stdin after loading, so the process is still running whenever the signal lands:
-    # while importing, loading or reading.
+    # while importing, loading or reading. (Not sooner: before Python has run a line of ours, which
+    # on a busy machine takes a few tenths of a second, its own KeyboardInterrupt is all there is.)
     proc = subprocess.Popen(
         [*CLI, "--source", str(variant_dir("g1")), "-p", "-"],
         stdin=subprocess.PIPE,

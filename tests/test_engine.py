@@ -255,3 +255,12 @@ def test_load_refuses_bad_options_with_the_clis_message(option, message):
 def test_load_refuses_an_empty_source():
     with pytest.raises(nc.NanochatError, match="source is empty"):
         nc.load("")
+
+
+@pytest.mark.parametrize("bad", [-1, 10**6])
+def test_a_token_id_outside_the_vocabulary_is_refused_not_looked_up(g9_on, bad):
+    """An embedding lookup does not check ids: MLX would read past the table and sample garbage."""
+    model, tok = g9_on
+    refused = rf"token id {bad} is outside the vocabulary \(0\.\.{tok.vocab_size - 1}\)"
+    with pytest.raises(nc.NanochatError, match=refused):
+        next(Engine(model, tok).generate([tok.get_bos_token_id(), bad], SamplingParams(max_tokens=2)))

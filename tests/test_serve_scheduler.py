@@ -120,7 +120,7 @@ def test_requests_arriving_while_rows_decode_are_prefilled_inside_the_decode_ste
 def test_a_long_prompt_with_two_choices_rides_along_in_chunks_and_equals_its_solo_replies(g1, chunk):
     engine = Engine(*g1)
     bos = engine.tokenizer.get_bos_token_id()
-    long_prompt = [bos, *range(400, 700)]  # chunks of up to ``chunk`` tokens, each riding a decode step
+    long_prompt = [bos, *range(50, 350)]  # chunks of up to ``chunk`` tokens, each riding a decode step
     sampled = SamplingParams(temperature=0.9, top_k=40, seed=3, max_tokens=10)
     solo, first, second = Collector(), Collector(), Collector()
     for sinks in ([solo], [first, second]):  # a fresh scheduler (and prompt cache) each time

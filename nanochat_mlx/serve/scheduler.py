@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine import Engine, RowState
+from ..engine import Engine, RowState, check_token_ids
 from ..errors import NanochatError
 from ..sampling import Sampler, SamplingParams
 from .prompt_cache import PromptCache
@@ -184,6 +184,8 @@ class Scheduler:
         self._thread.join(timeout=10)
 
     def submit(self, job: Job) -> None:
+        if self.engine is not None:
+            check_token_ids(job.tokens, self.engine.tokenizer.vocab_size)
         with self._lock:
             self._waiting = deque(j for j in self._waiting if not j.cancelled)
             if len(self._waiting) >= self.max_queue:
