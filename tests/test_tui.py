@@ -596,16 +596,18 @@ async def test_copy_keys_that_ordinary_terminals_send_and_the_system_clipboard(d
         assert notices(app, "sent to the terminal's clipboard (OSC 52)")
 
 
+async def save_tuned_chat(pilot) -> None:
+    """A chat saved as "tuned" with temperature 0.9 and top-k 7, then a new one started."""
+    for text in ("/temp 0.9", "/topk 7", "remember these settings", "/save tuned", "/clear"):
+        await send(pilot, text)
+
+
 async def test_reopened_chat_uses_its_saved_temperature_and_top_k(data_home):
     """Item 10: saved sampling settings come back with the chat."""
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         chat = await ready(pilot)
-        await send(pilot, "/temp 0.9")
-        await send(pilot, "/topk 7")
-        await send(pilot, "remember these settings")
-        await send(pilot, "/save tuned")
-        await send(pilot, "/clear")
+        await save_tuned_chat(pilot)
         await send(pilot, "/temp 0")
         await send(pilot, "/topk off")
         await send(pilot, "/load tuned")
@@ -746,14 +748,19 @@ def shown_text(widget) -> str:
     return console.export_text()
 
 
+async def help_section(pilot, section: str) -> str:
+    """The text of one section of the F1 help, opened from a ready chat."""
+    await ready(pilot)
+    await pilot.press("f1")
+    await pilot.pause()
+    return shown_text(pilot.app.screen.query_one(f"#{section}"))
+
+
 async def test_help_lists_only_new_line_keys_the_terminal_tells_from_enter(data_home):
     """QA 1: xterm sends Alt+Enter as ESC CR, which arrives as Enter (it sends): the help doesn't offer it."""
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await ready(pilot)
-        await pilot.press("f1")
-        await pilot.pause()
-        keys = shown_text(app.screen.query_one("#help-keys"))
+        keys = await help_section(pilot, "help-keys")
         assert "Shift+Enter / Ctrl+J " in keys
         assert "Alt+Enter" not in keys
 
@@ -782,11 +789,7 @@ async def test_opening_a_chat_says_when_its_settings_replace_the_current_ones(da
     app = make_app()  # temperature 0, top-k 50, max tokens 24, as if given on the command line
     async with app.run_test(size=SIZE) as pilot:
         chat = await ready(pilot)
-        await send(pilot, "/temp 0.9")
-        await send(pilot, "/topk 7")
-        await send(pilot, "remember these settings")
-        await send(pilot, "/save tuned")
-        await send(pilot, "/clear")
+        await save_tuned_chat(pilot)
         await send(pilot, "/temp 0")
         await send(pilot, "/load tuned")
         assert notices(app, "Opened") == ["Opened “tuned” with its settings: temperature 0.9"]  # top-k is 7 already
@@ -943,10 +946,7 @@ async def test_help_shows_the_commands_arguments_in_brackets(data_home):
     """QA 10: "/save [name]" showed as "/save" (Rich read "[name]" as markup)."""
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await ready(pilot)
-        await pilot.press("f1")
-        await pilot.pause()
-        commands = shown_text(app.screen.query_one("#help-commands"))
+        commands = await help_section(pilot, "help-commands")
         for usage in ("/save [name]", "/load [name]", "/model [source]", "/export [path]", "/copy [code]"):
             assert usage in commands
 
