@@ -150,7 +150,7 @@ def _given_source(args: argparse.Namespace) -> str | None:
     return args.source if positional is None else positional
 
 
-def _chosen(args: argparse.Namespace) -> bool:
+def names_a_model(args: argparse.Namespace) -> bool:
     """Whether the command line named a model (rather than taking the remembered default)."""
     return args.source is not None or getattr(args, "model_tag", None) is not None
 
@@ -292,7 +292,7 @@ def _chat(args: argparse.Namespace) -> int:
     loaded = _load(options)
     if prompt == "-":  # read after the load: the model's context bounds how much is worth reading
         prompt = _check_prompt(_read_stdin_prompt(loaded))
-    if _chosen(args):  # an explicit choice becomes the default of the next run
+    if names_a_model(args):  # an explicit choice becomes the default of the next run
         remember_source(options.source)
     session = ChatSession(loaded.engine, system_prompt=args.system, params=params)
     if prompt is not None:
@@ -400,7 +400,7 @@ def _tui(args: argparse.Namespace) -> int:
 
     options = load_options(args)
     code = run_tui(options, params=sampling_params(args), system=args.system, debug=args.debug)
-    if code == 0 and _chosen(args):  # it loaded: the next run starts there
+    if code == 0 and names_a_model(args):  # it loaded: the next run starts there
         remember_source(options.source)
     return code
 

@@ -90,7 +90,8 @@ def _chosen(last: str | None, sources: list[str]) -> str | None:
     """The listed source that ``last`` runs (a Hub repo: its one cached checkpoint folder)."""
     if last is None:
         return None
-    same = [s for s in sources if _same(s) == _same(last)]
+    target = _same(last)
+    same = [s for s in sources if _same(s) == target]
     if same:
         return same[0]
     within = [s for s in sources if s.startswith(last.rstrip("/") + "/")]

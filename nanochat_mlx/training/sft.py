@@ -328,7 +328,7 @@ def _resume_args(args: argparse.Namespace, given: list[str]) -> tuple[argparse.N
 
 
 def main(argv: list[str]) -> int:
-    from ..cli import load_options
+    from ..cli import load_options, names_a_model
 
     args = build_parser().parse_args(argv)
     state = None
@@ -341,14 +341,12 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     if state is None and out.exists() and any(out.glob("train_state_*.json")):
         raise NanochatError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
-    if state is not None and not args.lora_rank:
-        source = args.out  # the full run's own latest checkpoint
-    elif args.source is None and getattr(args, "model_tag", None) is None:
+    if state is not None and not args.lora_rank:  # the full run's own latest checkpoint
+        options = LoadOptions(args.out, state["step"], args.arch, args.dtype, args.quantize, args.backend)
+    elif not names_a_model(args):
         raise NanochatError("give --source (the checkpoint to fine-tune: a folder, hf:owner/name or nanochat:phase)")
     else:  # spelt as the chat command takes it: -i sft, -g d20 and the rest
-        source = load_options(args).source
-    options = LoadOptions(source, state["step"] if state and not args.lora_rank else args.step, args.arch,
-                          args.dtype, args.quantize, args.backend)  # fmt: skip
+        options = load_options(args)
     _check_method(args, options.backend, options.quantize is not None)
     loaded = load_model(options)
     inherited = _inherit(args, loaded.checkpoint.meta)
