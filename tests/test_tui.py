@@ -399,7 +399,8 @@ def test_atomic_save_never_loses_the_previous_file(tmp_path, monkeypatch):
     assert store.path(conv.id).read_text() == before
     assert [p.name for p in (tmp_path / "convs").iterdir()] == [f"{conv.id}.json"]  # no temp files left
     monkeypatch.undo()
-    assert [t.reply for t in store.find("kept").turns] == ["r"]
+    [kept] = store.matches("kept")
+    assert [t.reply for t in kept.turns] == ["r"]
 
 
 def test_data_dir_follows_xdg(data_home):

@@ -212,11 +212,6 @@ class ConversationStore:
     def list(self) -> list[Conversation]:
         return self.scan()[0]
 
-    def find(self, name: str) -> Conversation | None:
-        """The most recent of :meth:`matches`; None when nothing matches."""
-        found = self.matches(name)
-        return found[0] if found else None
-
     def matches(self, name: str) -> list[Conversation]:
         """The conversations ``name`` picks, most recent first: the one with that id, else those with that
         title, else those whose id or title starts with it."""
