@@ -149,8 +149,12 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
 
     def check_model(body: dict) -> None:
         model = field(body, "model", (str,), "a string")
-        if config.strict_model and model is not None and model != config.model_id:
-            raise ApiError(404, f"the model {model!r} does not exist; this server runs {config.model_id!r}",
+        if config.strict_model and model is not None:
+            check_model_id(model)
+
+    def check_model_id(name: str) -> None:
+        if name != config.model_id:
+            raise ApiError(404, f"the model {name!r} does not exist; this server runs {config.model_id!r}",
                            param="model", code="model_not_found")  # fmt: skip
 
     def check_context(tokens: list[int], engine, param: str) -> None:
@@ -236,10 +240,7 @@ def build_app(scheduler: Scheduler, config: ServerConfig) -> Starlette:
         """OpenAI's ``models.retrieve``: this server's one model."""
         authorize(request)
         engine_or_503()
-        name = request.path_params["name"]
-        if name != config.model_id:
-            raise ApiError(404, f"the model {name!r} does not exist; this server runs {config.model_id!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+        check_model_id(request.path_params["name"])
         return JSONResponse(model_card())
 
     def model_card() -> dict:
